@@ -1,0 +1,332 @@
+"""Plan shards, write them in parallel, resume what an interrupted run finished.
+
+The unit of work is a whole shard: the plan (which samples go into which shard, in which order)
+is fixed before any image is read, and each worker process writes complete shards on its own.
+So the output does not depend on the worker count, no image bytes cross a process boundary,
+and an interrupted run loses at most the shards that were in flight.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import queue
+import re
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .images import RejectedImage
+from .manifest import FORMAT, MANIFEST_NAME, VERSION, ManifestError, load_manifest, write_manifest
+from .tarwriter import ShardWriter, sha256_file
+
+# An encoder turns one planned item into the tar members of its sample, or raises RejectedImage.
+# It must be a module-level function so that worker processes can receive it.
+Encoder = Callable[[object, dict], tuple[dict[str, bytes], int]]
+
+
+class ConvertError(Exception):
+    """A failure the user must fix (bad input directory, unwritable output, strict reject)."""
+
+
+@dataclass
+class Item:
+    key: str        # sample key in the shard: no dots
+    path: str       # display path, "<split>/<wnid>/<file>"
+    label: int
+    size: int       # estimated stored bytes, used only to cut shards
+    source: object  # what the encoder reads: a file path, or raw pixels
+
+
+@dataclass
+class ShardJob:
+    split: str
+    name: str
+    items: list[Item]
+    plan: str
+    encoder: Encoder
+    options: dict
+
+
+@dataclass
+class SplitReport:
+    samples: int = 0
+    shards: int = 0
+    kept_shards: int = 0
+    written: int = 0  # samples written by this run (not kept from an earlier one)
+    bytes_in: int = 0
+    bytes_out: int = 0
+    rejects: list = field(default_factory=list)
+    ignored: int = 0
+
+
+def sample_key(index: int) -> str:
+    """Key of the split's index-th planned sample; stable across reruns and worker counts."""
+    return f"{index:08d}"
+
+
+def plan_shards(split: str, items: list[Item], shard_bytes: int, encoder: Encoder,
+                options: dict) -> list[ShardJob]:
+    """Cut the ordered items into shards of about `shard_bytes` each."""
+    jobs, current, acc = [], [], 0
+    for item in items:
+        current.append(item)
+        acc += item.size
+        if acc >= shard_bytes:
+            jobs.append(current)
+            current, acc = [], 0
+    if current:
+        jobs.append(current)
+    out = []
+    for i, shard_items in enumerate(jobs):
+        name = f"{split}-{i:06d}.tar"
+        out.append(ShardJob(split, name, shard_items, _fingerprint(name, shard_items, options), encoder, options))
+    return out
+
+
+def _fingerprint(name: str, items: list[Item], options: dict) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([VERSION, name, options], sort_keys=True).encode())
+    for it in items:
+        h.update(f"\n{it.key}\t{it.path}\t{it.label}".encode())
+    return h.hexdigest()[:32]
+
+
+# -- worker side ------------------------------------------------------------------------------
+
+_progress_queue = None
+
+
+def _init_worker(progress_queue) -> None:
+    global _progress_queue
+    _progress_queue = progress_queue
+
+
+def _report(n: int, bytes_in: int, bytes_out: int) -> None:
+    if _progress_queue is not None:
+        _progress_queue.put((n, bytes_in, bytes_out))
+
+
+def write_shard(job: ShardJob, out_dir: str, strict: bool) -> dict:
+    """Write one shard and its index; return its manifest entry (with rejects and byte counts)."""
+    rejects, bytes_in, pending = [], 0, [0, 0, 0]
+    with ShardWriter(Path(out_dir) / job.name) as writer:
+        for item in job.items:
+            try:
+                members, nbytes_in = job.encoder(item, job.options)
+            except RejectedImage as e:
+                if strict:
+                    raise ConvertError(f"{item.path}: {e.reason} (--strict)") from None
+                rejects.append({"path": item.path, "reason": e.reason})
+                members, nbytes_in = None, 0
+            if members is not None:
+                writer.write(item.key, members)
+            bytes_in += nbytes_in
+            pending[0] += 1
+            pending[1] += nbytes_in
+            pending[2] += sum(len(v) for v in members.values()) if members else 0
+            if pending[0] >= 16:
+                _report(*pending)
+                pending = [0, 0, 0]
+        samples = writer.samples
+        size, digest = writer.close()
+    _report(*pending)
+    return {"name": job.name, "index": job.name[:-4] + ".idx", "samples": samples, "bytes": size,
+            "sha256": digest, "plan": job.plan, "bytes_in": bytes_in, "rejects": rejects}
+
+
+# -- main side --------------------------------------------------------------------------------
+
+def prepare_out_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConvertError(f"--out {out}: not writable ({e.strerror or e})") from None
+    # Leftovers of a killed run: never under a final name, always safe to drop.
+    for stale in out.glob(".*.partial"):
+        stale.unlink(missing_ok=True)
+
+
+def _previous_entries(out: Path) -> dict[str, dict]:
+    """Finished shard entries of an earlier run into the same directory, by name."""
+    if not (out / MANIFEST_NAME).exists():
+        return {}
+    try:
+        m = load_manifest(out)
+    except ManifestError:
+        return {}
+    return {s["name"]: s for info in m["splits"].values() for s in info["shards"]}
+
+
+def _still_valid(out: Path, entry: dict | None, job: ShardJob) -> bool:
+    if not entry or entry.get("plan") != job.plan:
+        return False
+    tar, idx = out / job.name, out / entry.get("index", "")
+    if not tar.is_file() or not idx.is_file() or tar.stat().st_size != entry.get("bytes"):
+        return False
+    return sha256_file(tar) == entry.get("sha256")
+
+
+def run_conversion(out: Path, tool: str, classes: list[str], splits: dict[str, list[ShardJob]],
+                   options: dict, workers: int, strict: bool, ignored: dict[str, list[str]] | None = None,
+                   unplanned_rejects: dict[str, list[dict]] | None = None, extra: dict | None = None,
+                   progress: bool = True) -> tuple[dict, dict[str, SplitReport]]:
+    """Write every planned shard that is not already finished, keeping the manifest current.
+
+    `unplanned_rejects` are files turned away before planning (an unlabelled val image, say);
+    they are reported with the rest. `extra` adds fixed top-level keys to the manifest.
+    """
+    prepare_out_dir(out)
+    previous = _previous_entries(out)
+    ignored = ignored or {}
+    unplanned_rejects = unplanned_rejects or {}
+    entries: dict[str, dict[str, dict]] = {s: {} for s in splits}
+    reports = {s: SplitReport(ignored=len(ignored.get(s, []))) for s in splits}
+    todo: list[ShardJob] = []
+    for split, jobs in splits.items():
+        reports[split].shards = len(jobs)
+        for job in jobs:
+            old = previous.get(job.name)
+            if _still_valid(out, old, job):
+                entries[split][job.name] = old
+                reports[split].kept_shards += 1
+            else:
+                todo.append(job)
+        _remove_unplanned(out, split, {j.name for j in jobs})
+
+    def manifest(complete: bool) -> dict:
+        m = {"format": FORMAT, "version": VERSION, "complete": complete, "tool": tool,
+             "options": options, "classes": classes, **(extra or {}), "splits": {}, "rejects": []}
+        for split, jobs in splits.items():
+            done = [entries[split][j.name] for j in jobs if j.name in entries[split]]
+            rejects = unplanned_rejects.get(split, []) + [r for e in done for r in e["rejects"]]
+            m["splits"][split] = {
+                "samples": sum(e["samples"] for e in done),
+                "shards": done,
+                "rejects": rejects,
+                "ignored": {"count": len(ignored.get(split, [])), "examples": ignored.get(split, [])[:20]},
+            }
+            m["rejects"].extend(rejects)
+        return m
+
+    total_items = sum(len(j.items) for j in todo)
+    bar = _bar(total_items, progress)
+    start = time.perf_counter()
+    moved = [0, 0]
+
+    def on_progress(n, b_in, b_out):
+        moved[0] += b_in
+        moved[1] += b_out
+        elapsed = max(time.perf_counter() - start, 1e-9)
+        bar.set_postfix_str(f"{moved[0] / elapsed / 1e6:.1f} MB/s in", refresh=False)
+        bar.update(n)
+
+    def on_done(job: ShardJob, entry: dict):
+        entries[job.split][job.name] = entry
+        reports[job.split].written += entry["samples"]
+        write_manifest(out, manifest(False))
+
+    try:
+        if workers <= 1 or len(todo) <= 1:
+            _run_inline(todo, out, strict, on_progress, on_done)
+        else:
+            _run_pool(todo, out, strict, workers, on_progress, on_done)
+    finally:
+        bar.close()
+    final = manifest(True)
+    write_manifest(out, final)
+
+    for split in splits:
+        rep = reports[split]
+        done = entries[split].values()
+        rep.samples = sum(e["samples"] for e in done)
+        rep.bytes_in = sum(e.get("bytes_in", 0) for e in done)
+        rep.bytes_out = sum(e["bytes"] for e in done)
+        rep.rejects = unplanned_rejects.get(split, []) + [r for e in done for r in e["rejects"]]
+    return final, reports
+
+
+def _run_inline(todo, out, strict, on_progress, on_done):
+    q: queue.SimpleQueue = queue.SimpleQueue()
+    _init_worker(q)
+    try:
+        for job in todo:
+            entry = write_shard(job, str(out), strict)
+            _drain(q, on_progress)
+            on_done(job, entry)
+    finally:
+        _init_worker(None)
+
+
+def _run_pool(todo, out, strict, workers, on_progress, on_done):
+    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    q = ctx.Queue()
+    pool = ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx, initializer=_init_worker, initargs=(q,))
+    try:
+        futures = {pool.submit(write_shard, job, str(out), strict): job for job in todo}
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+            _drain(q, on_progress)
+            for f in done:
+                on_done(futures[f], f.result())  # re-raises a worker's ConvertError here
+    finally:
+        # On error or Ctrl-C: drop queued shards; those in flight clean up their partial files.
+        pool.shutdown(wait=True, cancel_futures=True)
+        _drain(q, on_progress)
+
+
+def _drain(q, on_progress) -> None:
+    while True:
+        try:
+            on_progress(*q.get_nowait())
+        except queue.Empty:
+            return
+
+
+def _remove_unplanned(out: Path, split: str, planned: set[str]) -> None:
+    """Drop shards of this split that an earlier, differently planned run left behind."""
+    pattern = re.compile(rf"^{re.escape(split)}-\d{{6}}\.(tar|idx)$")
+    for p in out.iterdir():
+        if pattern.match(p.name) and p.name[:-4] + ".tar" not in planned:
+            p.unlink(missing_ok=True)
+
+
+def _bar(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", desc="convert", disable=not enabled, file=sys.stderr,
+                smoothing=0.1, dynamic_ncols=True)
+
+
+def format_summary(reports: dict[str, SplitReport], seconds: float) -> str:
+    """The end-of-run table, plus every reject by name."""
+    rows = [("split", "samples", "shards", "kept", "rejects", "ignored", "MB in", "MB out")]
+    for split, r in reports.items():
+        rows.append((split, str(r.samples), str(r.shards), str(r.kept_shards), str(len(r.rejects)),
+                     str(r.ignored), f"{r.bytes_in / 1e6:.1f}", f"{r.bytes_out / 1e6:.1f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
+    new = sum(r.written for r in reports.values())
+    lines.append(f"time {seconds:.1f} s, {new} samples written" + (f", {new / seconds:.0f} img/s" if seconds > 0 else ""))
+    rejects = [rj for r in reports.values() for rj in r.rejects]
+    if rejects:
+        lines.append(f"rejected {len(rejects)} file(s):")
+        lines += [f"  {rj['path']}: {rj['reason']}" for rj in rejects[:50]]
+        if len(rejects) > 50:
+            lines.append(f"  ... and {len(rejects) - 50} more (see manifest.json)")
+    return "\n".join(lines)
+
+
+def default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1

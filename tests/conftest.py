@@ -1,0 +1,75 @@
+"""Shared fixtures: every test makes its own small data; nothing is downloaded."""
+from __future__ import annotations
+
+import io
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from convert.synthetic import SyntheticConfig, generate  # noqa: E402
+
+
+def jpeg_bytes(rgb=(200, 40, 30), size=(40, 30), mode="RGB", **save) -> bytes:
+    im = Image.new("RGB", size, rgb)
+    if mode != "RGB":
+        im = im.convert(mode)
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=95, **save)
+    return buf.getvalue()
+
+
+def png_bytes(color, size=(40, 30), mode="RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """A small synthetic ImageFolder (6 classes, 64 px) shared by read-only tests."""
+    out = tmp_path_factory.mktemp("synthetic")
+    cfg = SyntheticConfig(classes=6, per_class=12, val_per_class=3, seed=7, size=64, noise=6.0)
+    return generate(out, cfg, workers=2, progress=False)
+
+
+@pytest.fixture
+def quirky_root(tmp_path) -> Path:
+    """An ImageFolder holding every kind of file ImageNet's own folders hold."""
+    root = tmp_path / "src"
+    good = root / "train" / "n001"
+    odd = root / "train" / "n002"
+    good.mkdir(parents=True)
+    odd.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        arr = rng.integers(0, 255, size=(30, 40, 3), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="JPEG", quality=90)
+        (good / f"img_{i}.JPEG").write_bytes(buf.getvalue())
+    (odd / "cmyk.JPEG").write_bytes(jpeg_bytes((200, 40, 30), mode="CMYK"))
+    (odd / "gray.JPEG").write_bytes(jpeg_bytes((120, 120, 120), mode="L"))
+    (odd / "png_as_jpeg.JPEG").write_bytes(png_bytes((10, 200, 30)))
+    (odd / "rgba.JPEG").write_bytes(png_bytes((30, 60, 220, 255), mode="RGBA"))
+    full = jpeg_bytes((50, 60, 70), size=(200, 150))
+    (odd / "truncated.JPEG").write_bytes(full[: len(full) // 2])
+    (odd / "empty.JPEG").write_bytes(b"")
+    (odd / "text.JPEG").write_bytes(b"this is not an image\n" * 10)
+    (odd / ".DS_Store").write_bytes(b"\x00\x01junk")
+    (root / "train" / "README.txt").write_text("stray")
+    return root
+
+
+def run_cli(module: str, *args, **kw):
+    import subprocess
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=ROOT, **kw)
