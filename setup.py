@@ -3,7 +3,35 @@
 torch is pinned in the README rather than here: the wheel that matches the machine's CUDA (or
 CANN) stack is the user's choice, and any torch >= 2.4 works.
 """
-from setuptools import find_packages, setup
+import sys
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+
+def jpeg_extension() -> Extension:
+    """ROI JPEG decode against the system's libjpeg-turbo (Debian: libjpeg62-turbo-dev)."""
+    return Extension("kernels._jpeg", sources=["kernels/_jpeg.c"], extra_compile_args=["-O3"],
+                     libraries=["jpeg"])
+
+
+class OptionalBuildExt(build_ext):
+    """The extension is a fast path, not a requirement: without libjpeg-turbo's headers the
+    install still succeeds and the loader falls back to Pillow (it says so once)."""
+
+    def run(self):
+        try:
+            super().run()
+        except Exception as e:  # noqa: BLE001 - any build failure means "no fast path"
+            print(f"warning: kernels._jpeg not built ({e}); install libjpeg-turbo headers "
+                  f"(Debian: libjpeg62-turbo-dev) for the ROI decode fast path", file=sys.stderr)
+
+    def build_extension(self, ext):
+        try:
+            super().build_extension(ext)
+        except Exception as e:  # noqa: BLE001
+            print(f"warning: {ext.name} not built ({e})", file=sys.stderr)
+
 
 setup(
     name="resnet-shards",
@@ -13,6 +41,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["convert", "pipeline", "train", "kernels", "benchmarks"]),
+    ext_modules=[jpeg_extension()],
+    cmdclass={"build_ext": OptionalBuildExt},
     install_requires=[
         "torch>=2.4",
         "torchvision>=0.19",

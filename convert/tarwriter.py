@@ -109,18 +109,24 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def read_dali_index(path: str | os.PathLike) -> list[dict[str, tuple[int, int]]]:
-    """Parse a DALI index: one {ext: (offset, size)} per sample, in tar order."""
-    lines = Path(path).read_text().splitlines()
+def parse_dali_index(text: str, origin: str = "index") -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    """Parse a DALI index: (sample key, {ext: (data offset, size)}) per sample, in tar order."""
+    lines = text.splitlines()
     if not lines or not lines[0].startswith(DALI_INDEX_VERSION + " "):
-        raise ValueError(f"{path}: not a DALI {DALI_INDEX_VERSION} index")
+        raise ValueError(f"{origin}: not a DALI {DALI_INDEX_VERSION} index")
     n = int(lines[0].split()[1])
     samples = []
     for line in lines[1:]:
         fields = line.split()
-        if len(fields) % 4:
-            raise ValueError(f"{path}: malformed index line {line!r}")
-        samples.append({fields[i]: (int(fields[i + 1]), int(fields[i + 2])) for i in range(0, len(fields), 4)})
+        if not fields or len(fields) % 4:
+            raise ValueError(f"{origin}: malformed index line {line!r}")
+        key = fields[3].rsplit("/", 1)[-1].split(".", 1)[0]
+        samples.append((key, {fields[i]: (int(fields[i + 1]), int(fields[i + 2])) for i in range(0, len(fields), 4)}))
     if len(samples) != n:
-        raise ValueError(f"{path}: header says {n} samples, found {len(samples)}")
+        raise ValueError(f"{origin}: header says {n} samples, found {len(samples)}")
     return samples
+
+
+def read_dali_index(path: str | os.PathLike) -> list[dict[str, tuple[int, int]]]:
+    """{ext: (offset, size)} per sample of the DALI index file at `path`."""
+    return [members for _, members in parse_dali_index(Path(path).read_text(), str(path))]

@@ -67,6 +67,34 @@ def quirky_root(tmp_path) -> Path:
     return root
 
 
+# Class k of the colour dataset is a flat colour: its label survives any crop, resize or flip.
+CLASS_COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 220), (230, 220, 40), (200, 40, 210), (40, 210, 210)]
+
+
+def make_colour_folder(root: Path, per_class: int = 10, val_per_class: int = 3) -> Path:
+    rng = np.random.default_rng(5)
+    for split, n in (("train", per_class), ("val", val_per_class)):
+        for k, rgb in enumerate(CLASS_COLOURS):
+            d = root / split / f"c{k}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                w, h = int(rng.integers(48, 120)), int(rng.integers(48, 120))
+                arr = np.clip(np.array(rgb)[None, None, :] + rng.normal(0, 6, (h, w, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(arr).save(d / f"{i}.JPEG", quality=92)
+    return root
+
+
+@pytest.fixture(scope="session")
+def colour_shards(tmp_path_factory) -> Path:
+    """Converted colour dataset: 60 train (several shards), 18 val."""
+    from convert.imagenet_to_shards import convert
+
+    base = tmp_path_factory.mktemp("colour")
+    make_colour_folder(base / "src")
+    convert(base / "src", base / "shards", shard_size_mb=0.03, workers=1, progress=False)
+    return base / "shards"
+
+
 def run_cli(module: str, *args, **kw):
     import subprocess
 

@@ -1,0 +1,45 @@
+"""Backend registry: name -> factory(shards, cfg) with one contract (see pipeline.loader).
+
+Backends that need optional packages import them inside their factory and fail with a message
+naming the package to install.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from .loader import LoaderConfig, ShardLoader
+from .source import open_split
+
+BACKENDS: dict[str, Callable] = {}
+
+
+def register_backend(name: str):
+    def deco(factory: Callable) -> Callable:
+        BACKENDS[name] = factory
+        return factory
+    return deco
+
+
+@register_backend("cpu")
+def _cpu(shards, cfg: LoaderConfig):
+    return ShardLoader(open_split(shards, cfg.split), cfg)
+
+
+@register_backend("synthetic")
+def _synthetic(shards, cfg: LoaderConfig):
+    from .synthetic import SyntheticLoader
+
+    samples, classes = 1_281_167, 1000  # ImageNet's train split, when no shards are given
+    if shards is not None:
+        table = open_split(shards, cfg.split)
+        samples, classes = len(table), max(len(table.classes), 1)
+    return SyntheticLoader(cfg, samples, classes)
+
+
+def resolve_backend(name: str, device: str) -> str:
+    """'auto' picks the fastest backend available for the device."""
+    if name != "auto":
+        if name not in BACKENDS:
+            raise ValueError(f"backend {name!r}: choose one of {', '.join(sorted(BACKENDS))} or 'auto'")
+        return name
+    return "cpu"

@@ -1,0 +1,79 @@
+"""Which samples each rank sees in which batch, per epoch, computed before any data moves.
+
+An epoch's plan is a pure function of (table, seed, epoch, rank, world size, batch size), so
+every rank agrees on it without communicating, and a resumed run recomputes it exactly.
+
+- Train, local shards: a full permutation of all samples each epoch. Rank r takes every
+  world-th sample of it, cut to the same length on every rank, so the slices are disjoint and
+  every rank runs the same number of batches.
+- Train, remote shards: a per-epoch shard shuffle, shards dealt to ranks to balance sample
+  counts, each rank's stream passed through a seeded shuffle buffer; ranks are cut to the
+  shortest one, so the batch count is again equal.
+- Val: natural order, each sample exactly once across ranks and no padding. The split is cut
+  into world * nb near-equal chunks (nb batches per rank), chunk b * world + r being rank r's
+  batch b, so every rank has nb batches and the last ones may be a little smaller.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.Generator(np.random.PCG64([seed, epoch, 0x5EED])).permutation(n)
+
+
+def train_batches_local(n: int, seed: int, epoch: int, rank: int, world: int, batch_size: int,
+                        drop_last: bool = True) -> list[np.ndarray]:
+    perm = epoch_permutation(n, seed, epoch)
+    per_rank = n // world
+    mine = perm[rank::world][:per_rank]
+    return _batch(mine, batch_size, drop_last)
+
+
+def train_batches_remote(shard_sizes: list[int], seed: int, epoch: int, rank: int, world: int, batch_size: int,
+                         buffer: int, drop_last: bool = True) -> tuple[list[np.ndarray], list[int]]:
+    """(batches of sample ids, the rank's shard order to stream)."""
+    starts = np.concatenate([[0], np.cumsum(shard_sizes)]).astype(np.int64)
+    rng = np.random.Generator(np.random.PCG64([seed, epoch, 0x5A4D]))
+    order = rng.permutation(len(shard_sizes))
+    loads = [0] * world
+    assigned: list[list[int]] = [[] for _ in range(world)]
+    for s in order:  # deal each shard to the least loaded rank: ranks differ by at most a shard
+        r = min(range(world), key=lambda k: (loads[k], k))
+        assigned[r].append(int(s))
+        loads[r] += shard_sizes[s]
+    per_rank = min(loads)
+    stream = np.concatenate([np.arange(starts[s], starts[s + 1]) for s in assigned[rank]] or [np.zeros(0, np.int64)])
+    shuffled = shuffle_buffer_order(stream, buffer, np.random.Generator(np.random.PCG64([seed, epoch, rank, 0xB0F])))
+    return _batch(shuffled[:per_rank], batch_size, drop_last), assigned[rank]
+
+
+def shuffle_buffer_order(stream: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """The order a webdataset-style shuffle buffer of `size` emits `stream` in."""
+    if size <= 1:
+        return stream.copy()
+    out = np.empty_like(stream)
+    buf = list(stream[:size])
+    picks = rng.integers(0, 1 << 62, size=max(len(stream) - len(buf), 0))
+    for i, incoming in enumerate(stream[size:]):
+        k = int(picks[i] % len(buf))
+        out[i] = buf[k]
+        buf[k] = incoming
+    tail = np.asarray(buf, dtype=stream.dtype)
+    rng.shuffle(tail)
+    out[len(stream) - len(tail):] = tail
+    return out
+
+
+def val_batches(n: int, rank: int, world: int, batch_size: int) -> list[np.ndarray]:
+    nb = max(1, math.ceil(n / (world * batch_size)))
+    slots = world * nb
+    bounds = np.linspace(0, n, slots + 1).round().astype(np.int64)
+    return [np.arange(bounds[b * world + rank], bounds[b * world + rank + 1]) for b in range(nb)]
+
+
+def _batch(ids: np.ndarray, batch_size: int, drop_last: bool) -> list[np.ndarray]:
+    n = len(ids) // batch_size * batch_size if drop_last else len(ids)
+    return [ids[i:i + batch_size] for i in range(0, n, batch_size)]
