@@ -1,0 +1,108 @@
+"""Everything that differs between cuda, npu and cpu, in one place: device selection, the
+collective backend, the autocast device type, the fused optimizer, and synchronize."""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import torch
+
+
+class DeviceError(RuntimeError):
+    pass
+
+
+@dataclass
+class Device:
+    kind: str  # "cuda" | "npu" | "cpu"
+    index: int | None = None
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.kind if self.index is None else f"{self.kind}:{self.index}")
+
+    @property
+    def dist_backend(self) -> str:
+        return {"cuda": "nccl", "npu": "hccl"}.get(self.kind, "gloo")
+
+    @property
+    def autocast_type(self) -> str:
+        return self.kind
+
+    def set_current(self) -> None:
+        if self.kind == "cuda" and self.index is not None:
+            torch.cuda.set_device(self.index)
+        elif self.kind == "npu" and self.index is not None:
+            torch.npu.set_device(self.index)
+
+    def synchronize(self) -> None:
+        if self.kind == "cuda":
+            torch.cuda.synchronize(self.torch_device)
+        elif self.kind == "npu":
+            torch.npu.synchronize()
+
+    def supports_bf16(self) -> bool:
+        if self.kind == "cuda":
+            return torch.cuda.is_bf16_supported()
+        return True  # CPU and Ascend 910B+ compute in bf16
+
+    def name(self) -> str:
+        if self.kind == "cuda":
+            return torch.cuda.get_device_name(self.torch_device)
+        if self.kind == "npu":
+            return f"Ascend NPU {self.index or 0}"
+        return "CPU"
+
+    def rng_state(self):
+        if self.kind == "cuda":
+            return torch.cuda.get_rng_state(self.torch_device)
+        return None
+
+    def set_rng_state(self, state) -> None:
+        if self.kind == "cuda" and state is not None:
+            torch.cuda.set_rng_state(state, self.torch_device)
+
+
+def resolve_device(name: str, local_rank: int | None = None) -> Device:
+    """'cuda'/'gpu', 'npu' or 'cpu' (optionally with ':N') -> Device; imports torch_npu only for npu."""
+    kind, _, idx = name.partition(":")
+    kind = {"gpu": "cuda"}.get(kind, kind)
+    index = int(idx) if idx else local_rank
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError("--device cuda: no CUDA device is available (use --device cpu)")
+        return Device("cuda", index if index is not None else 0)
+    if kind == "npu":
+        try:
+            importlib.import_module("torch_npu")
+        except ImportError:
+            raise DeviceError("--device npu needs the torch_npu package (pip install torch_npu), which "
+                              "needs Huawei's CANN toolkit installed") from None
+        return Device("npu", index if index is not None else 0)
+    if kind == "cpu":
+        return Device("cpu", None)
+    raise DeviceError(f"--device {name!r}: expected cuda, gpu, npu or cpu")
+
+
+def build_sgd(params, lr: float, momentum: float, weight_decay: float, device: Device,
+              prefer: str = "fused") -> tuple[torch.optim.Optimizer, str]:
+    """The fastest SGD the device has, and its name for the log.
+
+    cuda (and cpu on torch builds that have it): torch's fused SGD; npu: torch_npu's fused SGD
+    when importable; otherwise foreach (multi-tensor) SGD.
+    """
+    if device.kind == "npu" and prefer == "fused":
+        try:
+            from torch_npu.optim import NpuFusedSGD  # type: ignore
+
+            return NpuFusedSGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay), "NpuFusedSGD"
+        except ImportError:
+            prefer = "foreach"
+    if prefer == "fused":
+        try:
+            opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=True)
+            return opt, "SGD(fused=True)"
+        except (RuntimeError, TypeError, ValueError):
+            pass  # this torch has no fused SGD for the device
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=True)
+    return opt, "SGD(foreach=True)"
