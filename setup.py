@@ -53,7 +53,7 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "matplotlib>=3.7"],
         "bench": ["matplotlib>=3.7"],
         "dali": ["nvidia-dali-cuda130"],
         "npu": ["torch_npu"],

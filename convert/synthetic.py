@@ -31,6 +31,7 @@ SHAPES = ("circle", "square", "triangle", "cross", "ring", "star", "diamond", "b
 HUES = 12
 TEXTURES = 4  # stripe periods, in units of the object's size
 COMPLETE_MARKER = "synthetic.json"
+GENERATOR_VERSION = 2  # bump when the images change, so cached datasets are regenerated
 _SPLIT_IDS = {"train": 0, "val": 1}
 
 
@@ -52,8 +53,11 @@ def wnid(k: int) -> str:
 
 def class_attributes(k: int) -> tuple[str, float, int]:
     """The (shape, hue, texture) that define class k."""
-    shape = SHAPES[k % len(SHAPES)]
-    hue = ((k // len(SHAPES)) % HUES) / HUES
+    s = k % len(SHAPES)
+    shape = SHAPES[s]
+    # A bijection on k < 96 that also changes the hue between neighbouring classes, so even a
+    # handful of classes differ in colour as well as in shape.
+    hue = ((k // len(SHAPES) + 5 * s) % HUES) / HUES
     texture = (k // (len(SHAPES) * HUES)) % TEXTURES
     return shape, hue, texture
 
@@ -176,7 +180,7 @@ def generate(out: str | os.PathLike, cfg: SyntheticConfig, workers: int | None =
     marker = out / COMPLETE_MARKER
     if marker.exists():
         try:
-            if json.loads(marker.read_text()) == asdict(cfg):
+            if json.loads(marker.read_text()) == {**asdict(cfg), "generator": GENERATOR_VERSION}:
                 return out
         except (OSError, ValueError):
             pass  # an unreadable marker means "not finished": regenerate
@@ -200,7 +204,7 @@ def generate(out: str | os.PathLike, cfg: SyntheticConfig, workers: int | None =
                 bar.update(1)
     bar.close()
     tmp = marker.with_suffix(".tmp")
-    tmp.write_text(json.dumps(asdict(cfg)))
+    tmp.write_text(json.dumps({**asdict(cfg), "generator": GENERATOR_VERSION}))
     os.replace(tmp, marker)
     return out
 

@@ -3,7 +3,7 @@
 - O0: fp32 everywhere.
 - O1: fp32 weights, autocast for the forward pass.
 - O2: the model's weights are held in half precision (bf16 or fp16), except BatchNorm, which
-  stays fp32; the optimizer steps fp32 master copies, which are copied back to the model after
+  stays fp32 (its kernels take half inputs with fp32 parameters); the optimizer steps fp32 master copies, which are copied back to the model after
   each step. fp16 uses a loss scale (dynamic, or static from --loss-scale) and skips steps whose
   gradients overflowed; bf16 has fp32's range and needs no scaling.
 
@@ -19,51 +19,6 @@ from torch import nn
 _BN = (nn.modules.batchnorm._BatchNorm,)
 
 
-class FP32BatchNorm(nn.Module):
-    """Keeps a BatchNorm in fp32 under O2 (apex's keep_batchnorm_fp32): half in, fp32 compute,
-    half out."""
-
-    def __init__(self, bn: nn.Module):
-        super().__init__()
-        self.bn = bn
-
-    def forward(self, x):
-        return self.bn(x.float()).to(x.dtype)
-
-
-def _wrap_bn(module: nn.Module) -> None:
-    for name, child in module.named_children():
-        if isinstance(child, _BN):
-            setattr(module, name, FP32BatchNorm(child))
-        else:
-            _wrap_bn(child)
-
-
-def unwrap_state_dict(sd: dict) -> dict:
-    """Model state_dict keys without the O2 BatchNorm wrapper (and without DDP's 'module.')."""
-    out = {}
-    for k, v in sd.items():
-        if k.startswith("module."):
-            k = k[len("module."):]
-        out[k.replace(".bn.", ".") if ".bn." in k else k] = v
-    return out
-
-
-def wrap_state_dict(sd: dict, model: nn.Module) -> dict:
-    """Map plain torchvision keys onto `model`'s (which may hold FP32BatchNorm wrappers)."""
-    target = model.state_dict()
-    out = {}
-    for k, v in sd.items():
-        k = k[len("module."):] if k.startswith("module.") else k
-        if k in target:
-            out[k] = v
-            continue
-        parent, _, leaf = k.rpartition(".")
-        wrapped = f"{parent}.bn.{leaf}" if parent else f"bn.{leaf}"
-        out[wrapped if wrapped in target else k] = v
-    return out
-
-
 class Precision:
     def __init__(self, opt_level: str, amp_dtype: torch.dtype, loss_scale: str | float | None, device_type: str):
         if opt_level not in ("O0", "O1", "O2"):
@@ -73,8 +28,10 @@ class Precision:
         self.device_type = device_type
         self.scaling = opt_level != "O0" and amp_dtype == torch.float16
         self.dynamic = self.scaling and (loss_scale is None or loss_scale == "dynamic")
-        init = 2.0 ** 16 if self.dynamic else float(loss_scale or 1.0)
-        self.scale = torch.tensor(init if self.scaling else 1.0)
+        init = 1.0
+        if self.scaling:
+            init = 2.0 ** 16 if self.dynamic else float(loss_scale)
+        self.scale = torch.tensor(init)
         self.growth_tracker = torch.zeros((), dtype=torch.int32)
         self.found_inf = torch.zeros(())
         self.model_params: list[torch.Tensor] = []
@@ -91,7 +48,8 @@ class Precision:
         self.growth_tracker = self.growth_tracker.to(device)
         self.found_inf = self.found_inf.to(device)
         if self.opt_level == "O2":
-            _wrap_bn(model)
+            # BatchNorm keeps fp32 parameters and statistics; cuDNN and the CPU kernels take
+            # half activations with fp32 BN parameters directly, so no casts are inserted.
             for m in model.modules():
                 if not isinstance(m, _BN):
                     for p in m.parameters(recurse=False):

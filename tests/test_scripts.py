@@ -1,0 +1,60 @@
+"""The seed-compatible launch scripts (test/*.sh) on tiny data with the CPU."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import ROOT
+
+TINY = ["--device=cpu", "--arch", "resnet18", "--image-size", "32", "--epochs", "1", "--workers", "1",
+        "--print-freq", "2", "--loss-scale", "dynamic"]
+
+
+def run_script(name: str, *args, env_extra=None, timeout=600):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), ASCEND_DEVICE_ID="7", OMP_NUM_THREADS="1", **(env_extra or {}))
+    return subprocess.run(["bash", str(ROOT / "test" / name), *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+@pytest.fixture
+def clean_output():
+    yield ROOT / "test" / "output" / "7"
+    shutil.rmtree(ROOT / "test" / "output" / "7", ignore_errors=True)
+
+
+def final(stdout: str, what: str) -> str:
+    m = re.search(rf"Final {what} : (\S*)", stdout)
+    assert m, stdout
+    return m.group(1)
+
+
+def test_performance_1p_script(colour_shards, clean_output):
+    r = run_script("train_performance_1p.sh", f"--data_path={colour_shards}", *TINY, "--batch-size", "6",
+                   "--max-steps", "8")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert float(final(r.stdout, "Performance images/sec")) > 0
+    log = (clean_output / "train_7.log").read_text()
+    assert "Epoch: [0][" in log and "FPS@all" in log
+
+
+def test_full_8p_and_eval_8p_scripts_with_two_processes(colour_shards, clean_output):
+    r = run_script("train_full_8p.sh", f"--data_path={colour_shards}", "--nproc=2", *TINY, "--batch-size", "6",
+                   env_extra={"MASTER_PORT": "29741"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    acc = float(final(r.stdout, "Train Accuracy"))
+    assert 0.0 <= acc <= 100.0
+    ckpt = clean_output / "full_8p" / "checkpoint.pth.tar"
+    assert ckpt.is_file()
+    e = run_script("train_eval_8p.sh", f"--data_path={colour_shards}", "--nproc=2", f"--resume={ckpt}", *TINY,
+                   "--batch-size", "6", env_extra={"MASTER_PORT": "29742"})
+    assert e.returncode == 0, e.stdout + e.stderr
+    assert float(final(e.stdout, "Train Accuracy")) == acc  # same weights, same val set, counted once
+
+
+def test_script_without_data_path_fails_clearly():
+    r = run_script("train_full_1p.sh")
+    assert r.returncode == 2 and "--data_path" in r.stderr

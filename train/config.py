@@ -1,0 +1,156 @@
+"""Training configuration: one dataclass, and the command line generated from it.
+
+The seed's flags (the Ascend ModelZoo ResNet-152 main.py, itself pytorch/examples'
+imagenet/main.py) keep their names, aliases and meanings; our own flags follow. Each field's
+metadata holds its flags and help, so the CLI cannot drift from the dataclass. Unknown and
+conflicting flags raise UsageError, which the CLI prints as one line naming the flag.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import MISSING, asdict, dataclass, field, fields
+
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d",
+           "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2")
+
+
+class UsageError(ValueError):
+    pass
+
+
+def opt(*flags: str, help: str, **kw):
+    return field(metadata={"flags": flags, "help": help, **kw.pop("meta", {})}, **kw)
+
+
+@dataclass
+class TrainConfig:
+    # -- the seed's flags ------------------------------------------------------------------
+    shards: str | None = opt("--shards", "--data", help="shard folder (manifest.json), manifest URL or tar pattern",
+                             default=None)
+    arch: str = opt("-a", "--arch", help="any torchvision ResNet", default="resnet152")
+    workers: int = opt("-j", "--workers", help="loader workers per process", default=min(8, os.cpu_count() or 1))
+    epochs: int = opt("--epochs", "--epoch", help="total epochs", default=90)
+    start_epoch: int = opt("--start-epoch", help="epoch to start at (a resume sets it)", default=0)
+    batch_size: int = opt("-b", "--batch-size", help="batch size per process", default=256)
+    lr: float = opt("--lr", "--learning-rate", help="peak learning rate", default=0.1)
+    momentum: float = opt("--momentum", "--mom", help="SGD momentum", default=0.9)
+    weight_decay: float = opt("--wd", "--weight-decay", help="weight decay", default=1e-4)
+    print_freq: int = opt("-p", "--print-freq", help="log every N steps (the only host syncs)", default=10)
+    resume: str = opt("--resume", help="checkpoint to resume from", default="")
+    evaluate: bool = opt("-e", "--evaluate", help="evaluate the --resume checkpoint on val and exit", default=False)
+    world_size: int = opt("--world-size", help="nodes (with --multiprocessing-distributed) or processes",
+                          default=-1)
+    rank: int = opt("--rank", help="node rank (with --multiprocessing-distributed) or process rank", default=-1)
+    dist_url: str = opt("--dist-url", help="rendezvous URL, tcp://host:port", default="env://")
+    dist_backend: str = opt("--dist-backend", help="nccl, hccl or gloo (default: by device)", default="")
+    gpu: int | None = opt("--gpu", help="device index for a single-process run", default=None)
+    multiprocessing_distributed: bool = opt("--multiprocessing-distributed",
+                                            help="spawn one process per device in --device-list", default=False)
+    seed: int = opt("--seed", help="seed of model init, data order and augmentation", default=49)
+    device: str = opt("--device", help="cuda, gpu, npu or cpu", default="cuda")
+    addr: str = opt("--addr", help="master address for --multiprocessing-distributed", default="127.0.0.1")
+    device_list: str = opt("--device-list", "--device_list", help="devices for --multiprocessing-distributed",
+                           default="0")
+    amp: bool = opt("--amp", help="mixed precision at --opt-level (without it: fp32, as in the seed)",
+                    default=False)
+    loss_scale: str = opt("--loss-scale", help="fp16 loss scale: a number, or dynamic", default="dynamic")
+    opt_level: str = opt("--opt-level", help="O0, O1 or O2 (apex meanings)", default="O2")
+    warm_up_epochs: int = opt("--warm-up-epochs", "--warm_up_epochs", help="linear warmup epochs", default=5)
+    label_smoothing: float = opt("--label-smoothing", help="cross-entropy label smoothing", default=0.0)
+    # -- our flags --------------------------------------------------------------------------
+    image_size: int = opt("--image-size", help="train crop size", default=224)
+    val_resize: int | None = opt("--val-resize", help="val resize before the centre crop (default size*256/224)",
+                                 default=None)
+    amp_dtype: str = opt("--amp-dtype", help="bf16 or fp16 (default bf16 where supported)", default="")
+    compile: bool = opt("--compile", help="torch.compile the model", default=False)
+    cuda_graph: bool = opt("--cuda-graph", help="CUDA graphs through torch.compile(mode='reduce-overhead')",
+                           default=False)
+    no_bn_wd: bool = opt("--no-bn-wd", help="no weight decay on BatchNorm and bias", default=False)
+    backend: str = opt("--backend", help="loader backend: auto, cpu or synthetic", default="auto")
+    synthetic: bool = opt("--synthetic", "--dummy", help="synthetic data (model speed alone)", default=False)
+    max_steps: int = opt("--max-steps", help="stop after N optimizer steps (0: no limit)", default=0)
+    save_every: int = opt("--save-every", help="also checkpoint every N steps (0: only at epoch ends)", default=0)
+    output: str = opt("--output", help="run folder: config, log, metrics.jsonl, checkpoints", default="runs/run")
+    demo: bool = opt("--demo", help="generate, convert and train on the built-in synthetic dataset", default=False)
+    optimizer: str = opt("--optimizer", help="fused or foreach SGD", default="fused",
+                         meta={"choices": ("fused", "foreach")})
+    eval_every: int = opt("--eval-every", help="evaluate every N epochs (0: only at the end)", default=1)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would print usage and exit; we raise one line instead
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m train.run", description="Train a torchvision ResNet on WebDataset shards.",
+                allow_abbrev=False)
+    p.add_argument("data", nargs="?", default=None, help="shard folder (the seed's positional DIR)")
+    for f in fields(TrainConfig):
+        meta = f.metadata
+        kw = {"dest": f.name, "help": meta["help"], "default": argparse.SUPPRESS}
+        if f.type in ("bool", bool):
+            kw["action"] = "store_true"
+        else:
+            t = {"int": int, "float": float, "int | None": int}.get(str(f.type), str)
+            kw["type"] = t
+            if "choices" in meta:
+                kw["choices"] = meta["choices"]
+        p.add_argument(*meta["flags"], **kw)
+    return p
+
+
+def parse_args(argv: list[str] | None) -> tuple[TrainConfig, set[str]]:
+    """Parse the command line; return the config and the names of the flags given explicitly."""
+    ns = vars(build_parser().parse_args(argv))
+    data = ns.pop("data", None)
+    if data is not None:
+        if "shards" in ns:
+            raise UsageError("give the dataset once: positional DIR or --shards/--data, not both")
+        ns["shards"] = data
+    given = set(ns)
+    defaults = {f.name: (f.default if f.default is not MISSING else None) for f in fields(TrainConfig)}
+    cfg = TrainConfig(**{**defaults, **ns})
+    validate(cfg, given)
+    return cfg, given
+
+
+def validate(cfg: TrainConfig, given: set[str]) -> None:
+    if cfg.arch not in RESNETS:
+        raise UsageError(f"--arch {cfg.arch!r}: expected one of {', '.join(RESNETS)}")
+    if cfg.opt_level not in ("O0", "O1", "O2"):
+        raise UsageError(f"--opt-level {cfg.opt_level!r}: expected O0, O1 or O2")
+    if cfg.amp_dtype not in ("", "bf16", "fp16"):
+        raise UsageError(f"--amp-dtype {cfg.amp_dtype!r}: expected bf16 or fp16")
+    if cfg.loss_scale != "dynamic":
+        try:
+            if float(cfg.loss_scale) <= 0:
+                raise ValueError
+        except ValueError:
+            raise UsageError(f"--loss-scale {cfg.loss_scale!r}: expected a positive number or 'dynamic'") from None
+    for name in ("batch_size", "epochs", "image_size", "print_freq"):
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
+    for name in ("workers", "max_steps", "save_every", "warm_up_epochs", "start_epoch", "eval_every"):
+        if getattr(cfg, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0")
+    if cfg.backend not in ("auto", "cpu", "synthetic"):
+        raise UsageError(f"--backend {cfg.backend!r}: expected auto, cpu or synthetic")
+    if cfg.synthetic and "backend" in given and cfg.backend != "synthetic":
+        raise UsageError(f"--synthetic conflicts with --backend {cfg.backend}")
+    if cfg.demo and "shards" in given:
+        raise UsageError("--demo makes its own dataset; it conflicts with --shards/--data")
+    if cfg.cuda_graph and cfg.device.split(":")[0] not in ("cuda", "gpu"):
+        raise UsageError(f"--cuda-graph needs --device cuda, not {cfg.device}")
+    if cfg.multiprocessing_distributed and "RANK" in os.environ and "LOCAL_RANK" in os.environ:
+        raise UsageError("--multiprocessing-distributed conflicts with torchrun (which already spawned the ranks)")
+    if cfg.evaluate and not cfg.resume:
+        raise UsageError("--evaluate needs --resume CHECKPOINT")
+    if not (cfg.shards or cfg.demo or cfg.synthetic):
+        raise UsageError("no data: give --shards DIR (or --data DIR), --synthetic, or --demo")
+    if cfg.label_smoothing < 0 or cfg.label_smoothing >= 1:
+        raise UsageError("--label-smoothing must be in [0, 1)")

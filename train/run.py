@@ -1,0 +1,352 @@
+"""Train a torchvision ResNet on WebDataset shards: `python -m train.run --shards DIR [flags]`.
+
+The seed's flags and log lines (the Ascend ModelZoo ResNet-152 port of pytorch/examples'
+imagenet/main.py) are kept; see train/config.py. The step: channels_last model, AMP at the
+seed's opt levels (train/precision.py), fused SGD, zero_grad(set_to_none), the next batch
+prefetched before backward, the LR set per step (linear warmup, then cosine), and no host sync
+except at --print-freq. DDP comes from torchrun's environment, or from the seed's own
+--multiprocessing-distributed launch.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from convert.manifest import ManifestError
+from pipeline.source import ShardError
+
+from .checkpoint import load, save_atomic, strip_module_prefix
+from .config import TrainConfig, UsageError, parse_args
+from .devices import Device, DeviceError, build_sgd, resolve_device
+from .metrics import AverageMeter, MetricsWriter, progress_line, setup_logging, topk_correct
+from .precision import Precision
+
+FPS_SKIP_STEPS = 5  # the seed leaves the first steps (allocator and cuDNN warm-up) out of FPS
+
+
+def lr_at(cfg: TrainConfig, epoch_float: float) -> float:
+    """The seed's schedule at a fractional epoch: linear warmup, then cosine to zero."""
+    w = cfg.warm_up_epochs
+    if w > 0 and epoch_float < w:
+        return cfg.lr * (epoch_float + 1) / (w + 1)
+    span = max(cfg.epochs - w, 1e-9)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(epoch_float - w, span) / span))
+
+
+def code_version() -> str:
+    here = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=here, capture_output=True, text=True,
+                             timeout=10)
+        if out.returncode == 0:
+            return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "unknown"
+
+
+class DistInfo:
+    def __init__(self, rank: int = 0, world: int = 1, local_rank: int | None = None):
+        self.rank, self.world, self.local_rank = rank, world, local_rank
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(cfg: TrainConfig, spawn_index: int | None) -> tuple[DistInfo, Device]:
+    env = os.environ
+    if spawn_index is not None:  # the seed's --multiprocessing-distributed
+        devices = [d for d in cfg.device_list.split(",") if d != ""]
+        nodes = max(cfg.world_size, 1)
+        info = DistInfo(max(cfg.rank, 0) * len(devices) + spawn_index, nodes * len(devices), spawn_index)
+        local_device = int(devices[spawn_index])
+    elif "RANK" in env and "WORLD_SIZE" in env:  # torchrun
+        info = DistInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+        local_device = info.local_rank
+    elif cfg.world_size > 1:  # the seed's manual launch: one process per --rank
+        info = DistInfo(cfg.rank, cfg.world_size, cfg.gpu)
+        local_device = cfg.gpu
+    else:
+        info = DistInfo()
+        local_device = cfg.gpu
+    device = resolve_device(cfg.device, local_device)
+    device.set_current()
+    if info.world > 1:
+        backend = cfg.dist_backend or device.dist_backend
+        init = cfg.dist_url if cfg.dist_url != "env://" or "MASTER_ADDR" in env else "env://"
+        dist.init_process_group(backend, init_method=init, rank=info.rank, world_size=info.world)
+    return info, device
+
+
+def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.world > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def build_loaders(cfg: TrainConfig, device: Device, info: DistInfo, input_dtype: torch.dtype):
+    from pipeline import Loader
+
+    backend = "synthetic" if cfg.synthetic else cfg.backend
+    common = dict(image_size=cfg.image_size, device=str(device.torch_device), workers=cfg.workers, seed=cfg.seed,
+                  rank=info.rank, world_size=info.world, dtype=input_dtype, channels_last=True)
+    train = Loader(cfg.shards, split="train", batch_size=cfg.batch_size, backend=backend, **common)
+    val = None
+    if cfg.shards is not None and backend != "synthetic":
+        from pipeline import ShardError
+
+        try:
+            val = Loader(cfg.shards, split="val", batch_size=cfg.batch_size, backend=backend,
+                         val_resize=cfg.val_resize, **common)
+        except ShardError as e:  # a dataset without val trains without evaluation, and says so
+            if info.main:
+                print(f"warning: no val split ({e}); training without evaluation", file=sys.stderr)
+    return train, val
+
+
+def num_classes(cfg: TrainConfig) -> int:
+    if cfg.shards is None:
+        return 1000
+    from pipeline.source import open_split
+
+    table = open_split(cfg.shards, "train")
+    return max(len(table.classes), int(table.label.max()) + 1 if (table.label >= 0).any() else 1)
+
+
+def validate(model, loader, criterion, precision: Precision, info: DistInfo, log) -> tuple[float, float]:
+    """Top-1/top-5 over the val split, every sample counted once across ranks."""
+    model.eval()
+    dev = next(model.parameters()).device
+    sums = torch.zeros(4, dtype=torch.float64, device=dev)  # correct@1, correct@5, loss sum, count
+    with torch.no_grad(), precision.autocast():
+        for x, y in loader:
+            out = model(x).float()
+            c1, c5 = topk_correct(out, y)
+            sums += torch.stack([c1.double(), c5.double(), criterion(out, y).double() * len(y),
+                                 torch.tensor(float(len(y)), dtype=torch.float64, device=dev)])
+    all_reduce_sum(sums, info)
+    c1, c5, loss_sum, n = sums.tolist()
+    acc1, acc5 = 100.0 * c1 / max(n, 1), 100.0 * c5 / max(n, 1)
+    log.info(f" * Acc@1 {acc1:.3f} Acc@5 {acc5:.3f}  (val loss {loss_sum / max(n, 1):.4f}, {int(n)} samples)")
+    model.train()
+    return acc1, acc5
+
+
+def save_checkpoint(path: Path, cfg: TrainConfig, model, optimizer, precision, loader_state: dict, epoch: int,
+                    step: int, best_acc1: float, device: Device) -> None:
+    save_atomic({
+        "epoch": epoch, "arch": cfg.arch, "state_dict": model.state_dict(), "best_acc1": best_acc1,
+        "optimizer": optimizer.state_dict(), "precision": precision.state_dict(), "loader": loader_state,
+        "step": step, "rng": {"cpu": torch.get_rng_state(), "device": device.rng_state()},
+        "config": cfg.to_dict(),
+    }, path)
+
+
+def train(cfg: TrainConfig, spawn_index: int | None = None) -> dict:
+    info, device = setup_distributed(cfg, spawn_index)
+    out = Path(cfg.output)
+    if info.main:
+        out.mkdir(parents=True, exist_ok=True)
+    log = setup_logging(out if info.main else None, info.rank)
+    metrics = MetricsWriter(out / "metrics.jsonl" if info.main else None)
+
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp_dtype) or \
+        (torch.bfloat16 if device.supports_bf16() else torch.float16)
+    opt_level = cfg.opt_level if cfg.amp else "O0"
+    precision = Precision(opt_level, amp_dtype, cfg.loss_scale, device.kind)
+    input_dtype = precision.input_dtype if opt_level != "O1" else amp_dtype
+
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank and every rerun
+    import torchvision
+
+    model = torchvision.models.__dict__[cfg.arch](num_classes=num_classes(cfg))
+    model = precision.prepare_model(model, device.torch_device)
+    optimizer, opt_name = build_sgd(precision.optimizer_params(model, cfg.no_bn_wd, cfg.weight_decay), cfg.lr,
+                                    cfg.momentum, cfg.weight_decay, device, cfg.optimizer)
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    bare = model
+    if info.world > 1:
+        ids = [device.index] if device.kind in ("cuda", "npu") else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True,
+                                                          broadcast_buffers=False)
+    step_model = model
+    if cfg.compile or cfg.cuda_graph:
+        step_model = torch.compile(model, mode="reduce-overhead" if cfg.cuda_graph else None)
+
+    train_loader, val_loader = build_loaders(cfg, device, info, input_dtype)
+    steps_per_epoch = len(train_loader)
+    start_epoch, step, best_acc1 = cfg.start_epoch, cfg.start_epoch * steps_per_epoch, 0.0
+    if cfg.resume:
+        ckpt = load(cfg.resume)
+        bare.load_state_dict(strip_module_prefix(ckpt["state_dict"]))
+        if not cfg.evaluate:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            precision.load_state_dict(ckpt["precision"])
+            train_loader.load_state_dict(ckpt["loader"])
+            torch.set_rng_state(ckpt["rng"]["cpu"])
+            device.set_rng_state(ckpt["rng"]["device"])
+            start_epoch, step, best_acc1 = ckpt["epoch"], ckpt["step"], ckpt.get("best_acc1", 0.0)
+        log.info(f"=> resumed from {cfg.resume} (epoch {ckpt['epoch']}, step {ckpt['step']})")
+
+    world_batch = cfg.batch_size * info.world
+    if info.main:
+        resolved = {**cfg.to_dict(), "opt_level_effective": opt_level, "amp_dtype_effective": str(amp_dtype),
+                    "optimizer_impl": opt_name, "world_size_effective": info.world, "device_name": device.name(),
+                    "torch": torch.__version__, "code_version": code_version(), "steps_per_epoch": steps_per_epoch}
+        (out / "config.json").write_text(json.dumps(resolved, indent=1))
+    log.info(f"=> {cfg.arch} on {device.name()} x{info.world}, {opt_level} ({amp_dtype if opt_level != 'O0' else 'fp32'}), "
+             f"optimizer {opt_name}, batch {cfg.batch_size}/process, {steps_per_epoch} steps/epoch, "
+             f"loader {train_loader.__class__.__name__}")
+
+    if cfg.evaluate:
+        acc1, acc5 = validate(bare, val_loader, criterion, precision, info, log) if val_loader else (0.0, 0.0)
+        return {"acc1": acc1, "acc5": acc5, "fps": 0.0, "epochs": 0, "opt_level": opt_level, "device": device}
+
+    fps, acc1 = 0.0, 0.0
+    epoch = start_epoch
+    stop = False
+    for epoch in range(start_epoch, cfg.epochs):
+        train_loader.set_epoch(epoch)
+        first = train_loader.state_dict()["batch"]  # > 0 when resuming mid-epoch
+        batch_time, data_time = AverageMeter("Time", ":6.3f"), AverageMeter("Data", ":6.3f")
+        losses, top1, top5 = AverageMeter("Loss", ":.4e"), AverageMeter("Acc@1", ":6.2f"), AverageMeter("Acc@5", ":6.2f")
+        model.train()
+        it = iter(train_loader)
+        t_fetch = time.perf_counter()
+        batch = next(it, None)
+        wait = time.perf_counter() - t_fetch
+        t_last, steps_since, wait_since = time.perf_counter(), 0, 0.0
+        fps_t0, fps_steps = None, 0
+        i = first
+        while batch is not None:
+            x, y = batch
+            lr = lr_at(cfg, epoch + i / steps_per_epoch)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            with precision.autocast():
+                output = step_model(x)
+                loss = criterion(output.float(), y)
+            t_fetch = time.perf_counter()
+            batch = next(it, None)  # prefetch: the next copy runs on the loader's stream during backward
+            wait_since += time.perf_counter() - t_fetch + wait
+            wait = 0.0
+            precision.zero_grad(optimizer)
+            precision.backward(loss)
+            precision.step(optimizer)
+            step += 1
+            i += 1
+            steps_since += 1
+            if i - first == FPS_SKIP_STEPS:
+                device.synchronize()  # one sync, to start the FPS clock after warm-up
+                fps_t0, fps_steps = time.perf_counter(), 0
+            elif fps_t0 is not None:
+                fps_steps += 1
+            if i % cfg.print_freq == 0 or batch is None:
+                c1, c5 = topk_correct(output.detach().float(), y)
+                loss_v = float(loss.item())  # host sync: only here, every --print-freq steps
+                now = time.perf_counter()
+                n = len(y)
+                losses.update(loss_v, n)
+                top1.update(100.0 * float(c1) / n, n)
+                top5.update(100.0 * float(c5) / n, n)
+                batch_time.update((now - t_last) / steps_since, steps_since)
+                data_time.update(wait_since / steps_since, steps_since)
+                log.info(progress_line(epoch, i, steps_per_epoch, [batch_time, data_time, losses, top1, top5]))
+                metrics.write(step=step, epoch=epoch, loss=loss_v, lr=lr, img_s=world_batch * steps_since / (now - t_last),
+                              data_wait=wait_since / (now - t_last))
+                t_last, steps_since, wait_since = now, 0, 0.0
+            if info.main and cfg.save_every and step % cfg.save_every == 0:
+                # `i` batches of this epoch are trained; the prefetched one is not.
+                save_checkpoint(out / "checkpoint.pth.tar", cfg, bare, optimizer, precision,
+                                {**train_loader.state_dict(), "batch": i}, epoch, step, best_acc1, device)
+            if cfg.max_steps and step >= cfg.max_steps:
+                stop = True
+                break
+        device.synchronize()
+        if fps_t0 is not None and fps_steps > 0:
+            fps = world_batch * fps_steps / (time.perf_counter() - fps_t0)
+            log.info(f"[{device.kind} id: {device.index or 0}] batch_size: {world_batch} "
+                     f"Time: {world_batch / fps:.3f} * FPS@all {fps:.3f}")
+        last = epoch + 1 == cfg.epochs or stop
+        if val_loader is not None and (last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
+            acc1, _ = validate(bare, val_loader, criterion, precision, info, log)
+            metrics.write(step=step, epoch=epoch, val_acc1=acc1)
+        is_best = acc1 > best_acc1
+        best_acc1 = max(acc1, best_acc1)
+        if info.main:
+            done = not stop
+            state = {**train_loader.state_dict(), "epoch": epoch + 1 if done else epoch, "batch": 0 if done else i}
+            save_checkpoint(out / "checkpoint.pth.tar", cfg, bare, optimizer, precision, state,
+                            epoch + 1 if done else epoch, step, best_acc1, device)
+            if is_best:
+                save_checkpoint(out / "model_best.pth.tar", cfg, bare, optimizer, precision, state,
+                                epoch + 1 if done else epoch, step, best_acc1, device)
+        if stop:
+            break
+    metrics.close()
+    train_loader.close()
+    if val_loader is not None:
+        val_loader.close()
+    return {"acc1": best_acc1, "fps": fps, "epochs": epoch + 1, "opt_level": opt_level, "device": device,
+            "amp_dtype": amp_dtype}
+
+
+def results_table(result: dict) -> str:
+    dev = result["device"]
+    amp = result["opt_level"] if result["opt_level"] == "O0" else f"{result['opt_level']} {str(result.get('amp_dtype', '')).replace('torch.', '')}"
+    rows = [("DEVICE", "PT version", "Acc@1", "FPS", "Epochs", "AMP_Type"),
+            (dev.name(), torch.__version__.split("+")[0], f"{result['acc1']:.3f}", f"{result['fps']:.3f}",
+             str(result["epochs"]), amp)]
+    widths = [max(len(r[i]) for r in rows) for i in range(6)]
+    line = "| " + " | ".join("-" * w for w in widths) + " |"
+    fmt = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    return "\n".join([fmt(rows[0]), line, fmt(rows[1])])
+
+
+def _spawn_entry(index: int, cfg: TrainConfig) -> None:
+    result = train(cfg, spawn_index=index)
+    if index == 0:
+        print(results_table(result))
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg, given = parse_args(argv)
+        if cfg.demo:
+            from .demo import prepare_demo
+
+            cfg = prepare_demo(cfg, given)
+        if cfg.multiprocessing_distributed:
+            devices = [d for d in cfg.device_list.split(",") if d != ""]
+            port = cfg.dist_url.rsplit(":", 1)[-1] if cfg.dist_url.startswith("tcp://") else "29688"
+            os.environ.setdefault("MASTER_ADDR", cfg.addr)
+            os.environ.setdefault("MASTER_PORT", port)
+            torch.multiprocessing.spawn(_spawn_entry, args=(cfg,), nprocs=len(devices))
+            return 0
+        result = train(cfg)
+    except (UsageError, DeviceError, FileNotFoundError, ShardError, ManifestError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: rerun with --resume OUTPUT/checkpoint.pth.tar to continue", file=sys.stderr)
+        return 130
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    rank = int(os.environ.get("RANK", 0))
+    if rank == 0:
+        print(results_table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
