@@ -67,6 +67,8 @@ setup(
             "imagenet-to-shards=convert.imagenet_to_shards:main",
             "cifar-to-shards=convert.cifar_to_shards:main",
             "synthetic-imagenet=convert.synthetic:main",
+            "resnet-train=train.run:main",
+            "resnet-train-plot=train.plot:main",
         ],
     },
 )

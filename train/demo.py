@@ -17,7 +17,7 @@ from .config import TrainConfig
 DEMO_DATA = Path(os.environ.get("RESNET_SHARDS_DEMO_DATA", "data/demo"))
 
 # Small enough for a CPU minute, large enough that accuracy far above chance means learning.
-DEMO = dict(arch="resnet18", image_size=64, batch_size=64, epochs=8, lr=0.05, warm_up_epochs=1,
+DEMO = dict(arch="resnet18", image_size=64, batch_size=64, epochs=12, lr=0.05, warm_up_epochs=1,
             workers=2, print_freq=10, output="runs/demo", weight_decay=5e-5, no_bn_wd=True)
 
 
@@ -39,6 +39,14 @@ def prepare_demo(cfg: TrainConfig, given: set[str]) -> TrainConfig:
     overrides = {k: v for k, v in DEMO.items() if k not in given}
     if "device" not in given:
         overrides["device"] = "cuda" if torch.cuda.is_available() else "cpu"
-    if overrides.get("device", cfg.device) != "cpu" and "amp" not in given:
-        overrides["amp"] = True  # O2 bf16 on an accelerator; fp32 on the CPU, which has no fast bf16 here
+    device = overrides.get("device", cfg.device)
+    if "amp" not in given and (device != "cpu" or _cpu_has_fast_bf16()):
+        overrides["amp"] = True  # O2 bf16: the product's default step; a CPU without bf16 units stays fp32
     return replace(cfg, shards=str(shards), **overrides)
+
+
+def _cpu_has_fast_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False

@@ -41,9 +41,9 @@ class Precision:
     def input_dtype(self) -> torch.dtype:
         return self.amp_dtype if self.opt_level == "O2" else torch.float32
 
-    def prepare_model(self, model: nn.Module, device: torch.device) -> nn.Module:
-        """Move to device in channels_last; under O2 cast to half except BatchNorm."""
-        model = model.to(device, memory_format=torch.channels_last)
+    def prepare_model(self, model: nn.Module, device: torch.device, channels_last: bool = True) -> nn.Module:
+        """Move to device (channels_last by default); under O2 cast to half except BatchNorm."""
+        model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         self.scale = self.scale.to(device)
         self.growth_tracker = self.growth_tracker.to(device)
         self.found_inf = self.found_inf.to(device)

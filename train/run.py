@@ -25,9 +25,10 @@ from pipeline.source import ShardError
 
 from .checkpoint import load, save_atomic, strip_module_prefix
 from .config import TrainConfig, UsageError, parse_args
-from .devices import Device, DeviceError, build_sgd, resolve_device
+from .devices import Device, DeviceError, resolve_device
 from .metrics import AverageMeter, MetricsWriter, progress_line, setup_logging, topk_correct
 from .precision import Precision
+from .step import build, train_step
 
 FPS_SKIP_STEPS = 5  # the seed leaves the first steps (allocator and cuDNN warm-up) out of FPS
 
@@ -165,13 +166,8 @@ def train(cfg: TrainConfig, spawn_index: int | None = None) -> dict:
     precision = Precision(opt_level, amp_dtype, cfg.loss_scale, device.kind)
     input_dtype = precision.input_dtype if opt_level != "O1" else amp_dtype
 
-    torch.manual_seed(cfg.seed)  # same initial weights on every rank and every rerun
-    import torchvision
-
-    model = torchvision.models.__dict__[cfg.arch](num_classes=num_classes(cfg))
-    model = precision.prepare_model(model, device.torch_device)
-    optimizer, opt_name = build_sgd(precision.optimizer_params(model, cfg.no_bn_wd, cfg.weight_decay), cfg.lr,
-                                    cfg.momentum, cfg.weight_decay, device, cfg.optimizer)
+    model, optimizer, opt_name = build(cfg.arch, num_classes(cfg), device, precision, cfg.lr, cfg.momentum,
+                                       cfg.weight_decay, cfg.no_bn_wd, cfg.optimizer, seed=cfg.seed)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     bare = model
     if info.world > 1:
@@ -221,10 +217,16 @@ def train(cfg: TrainConfig, spawn_index: int | None = None) -> dict:
         losses, top1, top5 = AverageMeter("Loss", ":.4e"), AverageMeter("Acc@1", ":6.2f"), AverageMeter("Acc@5", ":6.2f")
         model.train()
         it = iter(train_loader)
-        t_fetch = time.perf_counter()
-        batch = next(it, None)
-        wait = time.perf_counter() - t_fetch
-        t_last, steps_since, wait_since = time.perf_counter(), 0, 0.0
+        waited = [0.0]  # host seconds blocked on the loader since the last log line
+
+        def fetch():
+            t = time.perf_counter()
+            nxt = next(it, None)
+            waited[0] += time.perf_counter() - t
+            return nxt
+
+        batch = fetch()
+        t_last, steps_since = time.perf_counter(), 0
         fps_t0, fps_steps = None, 0
         i = first
         while batch is not None:
@@ -232,16 +234,8 @@ def train(cfg: TrainConfig, spawn_index: int | None = None) -> dict:
             lr = lr_at(cfg, epoch + i / steps_per_epoch)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            with precision.autocast():
-                output = step_model(x)
-                loss = criterion(output.float(), y)
-            t_fetch = time.perf_counter()
-            batch = next(it, None)  # prefetch: the next copy runs on the loader's stream during backward
-            wait_since += time.perf_counter() - t_fetch + wait
-            wait = 0.0
-            precision.zero_grad(optimizer)
-            precision.backward(loss)
-            precision.step(optimizer)
+            # Prefetch before backward: the next batch's copy runs on the loader's stream meanwhile.
+            output, loss, batch = train_step(step_model, x, y, criterion, precision, optimizer, before_backward=fetch)
             step += 1
             i += 1
             steps_since += 1
@@ -259,11 +253,11 @@ def train(cfg: TrainConfig, spawn_index: int | None = None) -> dict:
                 top1.update(100.0 * float(c1) / n, n)
                 top5.update(100.0 * float(c5) / n, n)
                 batch_time.update((now - t_last) / steps_since, steps_since)
-                data_time.update(wait_since / steps_since, steps_since)
+                data_time.update(waited[0] / steps_since, steps_since)
                 log.info(progress_line(epoch, i, steps_per_epoch, [batch_time, data_time, losses, top1, top5]))
                 metrics.write(step=step, epoch=epoch, loss=loss_v, lr=lr, img_s=world_batch * steps_since / (now - t_last),
-                              data_wait=wait_since / (now - t_last))
-                t_last, steps_since, wait_since = now, 0, 0.0
+                              data_wait=waited[0] / (now - t_last))
+                t_last, steps_since, waited[0] = now, 0, 0.0
             if info.main and cfg.save_every and step % cfg.save_every == 0:
                 # `i` batches of this epoch are trained; the prefetched one is not.
                 save_checkpoint(out / "checkpoint.pth.tar", cfg, bare, optimizer, precision,
