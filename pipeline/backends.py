@@ -25,6 +25,13 @@ def _cpu(shards, cfg: LoaderConfig):
     return ShardLoader(open_split(shards, cfg.split), cfg)
 
 
+@register_backend("nvjpeg")
+def _nvjpeg(shards, cfg: LoaderConfig):
+    from .nvjpeg import NvjpegLoader
+
+    return NvjpegLoader(open_split(shards, cfg.split), cfg)
+
+
 @register_backend("synthetic")
 def _synthetic(shards, cfg: LoaderConfig):
     from .synthetic import SyntheticLoader
@@ -37,7 +44,8 @@ def _synthetic(shards, cfg: LoaderConfig):
 
 
 def resolve_backend(name: str, device: str) -> str:
-    """'auto' picks the fastest backend available for the device."""
+    """'auto' picks the CPU backend: the device-side backends (nvjpeg, dali) are chosen by name
+    until they have been measured on a GPU (see benchmarks/RESULTS.md)."""
     if name != "auto":
         if name not in BACKENDS:
             raise ValueError(f"backend {name!r}: choose one of {', '.join(sorted(BACKENDS))} or 'auto'")

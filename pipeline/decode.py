@@ -203,5 +203,10 @@ class BatchDecoder:
                 np.zeros(len(ids), bool))
 
     def _replacement(self, epoch: int, sid: int, ids: list[int], attempt: int) -> int:
-        u = uniforms(self.cfg.seed, epoch, np.array([sid]), attempt + 1, stream=_REPLACE_STREAM)[0, attempt]
-        return int(ids[int(u * len(ids))])
+        return replacement(self.cfg.seed, epoch, sid, ids, attempt)
+
+
+def replacement(seed: int, epoch: int, sid: int, ids: list[int], attempt: int) -> int:
+    """The attempt-th stand-in for a corrupt sample `sid`: a sample of the same batch, by hash."""
+    u = uniforms(seed, epoch, np.array([sid]), attempt + 1, stream=_REPLACE_STREAM)[0, attempt]
+    return int(ids[int(u * len(ids))])

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from kernels import resize
+from kernels.batch_resize import normalize_nhwc_fused
 from kernels.normalize import IMAGENET_MEAN, IMAGENET_STD, affine_constants, normalize_nhwc
 
 from . import plan
@@ -92,7 +93,10 @@ class DeviceStage:
         with torch.cuda.stream(self.stream):
             x = images.to(self.device, non_blocking=True)
             y = labels.to(self.device, non_blocking=True)
-            out = normalize_nhwc(x, self.scale, self.shift, dtype, cfg.channels_last)
+            if cfg.normalize and cfg.channels_last:
+                out = normalize_nhwc_fused(x, self.scale, self.shift, dtype)  # one Triton pass
+            else:
+                out = normalize_nhwc(x, self.scale, self.shift, dtype, cfg.channels_last)
             event = torch.cuda.Event()
             event.record(self.stream)
         current.wait_stream(self.stream)
@@ -103,8 +107,8 @@ class DeviceStage:
         return out, y, event
 
 
-class ShardLoader:
-    """The CPU backend: workers decode into pinned shared host slots; see module docstring."""
+class PlannedLoader:
+    """What every shard backend shares: the epoch plan, len, set_epoch and exact-resume state."""
 
     def __init__(self, table: SampleTable, cfg: LoaderConfig):
         self.table = table
@@ -114,14 +118,6 @@ class ShardLoader:
         self._position = 0
         self._plans: dict[int, tuple[list[np.ndarray], list[int] | None]] = {}
         self.stats = LoaderStats()
-        self.decoder = BatchDecoder(table, DecodeConfig(cfg.image_size, cfg.train, cfg.seed,
-                                                        val_resize=cfg.val_resize, fast_dct=cfg.fast_dct))
-        self.device_stage = DeviceStage(cfg)
-        self.slots = max(2, cfg.prefetch * max(cfg.workers, 1))
-        self._pool: WorkerPool | None = None
-        self._token = 0
-        self._outstanding = 0
-        self._images = self._labels = None
         if len(self) == 0:
             raise ValueError(f"split {cfg.split!r}: {len(table)} samples give no batch of {cfg.batch_size} "
                              f"on each of {cfg.world_size} rank(s)")
@@ -171,6 +167,38 @@ class ShardLoader:
         self.epoch = int(sd["epoch"])
         self._resume_batch = self._position = int(sd["batch"])
 
+    def _begin(self):
+        """Start an iteration: (epoch, batches, shard order, first batch)."""
+        epoch = self.epoch
+        batches, shard_order = self._plan(epoch)
+        start, self._resume_batch = self._resume_batch, 0
+        self._position = start
+        return epoch, batches, shard_order, start
+
+    def close(self) -> None:
+        pass
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown: nothing left to report to
+            pass
+
+
+class ShardLoader(PlannedLoader):
+    """The CPU backend: workers decode into pinned shared host slots; see module docstring."""
+
+    def __init__(self, table: SampleTable, cfg: LoaderConfig):
+        super().__init__(table, cfg)
+        self.decoder = BatchDecoder(table, DecodeConfig(cfg.image_size, cfg.train, cfg.seed,
+                                                        val_resize=cfg.val_resize, fast_dct=cfg.fast_dct))
+        self.device_stage = DeviceStage(cfg)
+        self.slots = max(2, cfg.prefetch * max(cfg.workers, 1))
+        self._pool: WorkerPool | None = None
+        self._token = 0
+        self._outstanding = 0
+        self._images = self._labels = None
+
     # -- workers ------------------------------------------------------------------------
     def _ensure_pool(self) -> None:
         if self._pool is not None:
@@ -197,18 +225,9 @@ class ShardLoader:
                 torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
             self._images = self._labels = None
 
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown: nothing left to report to
-            pass
-
     # -- iteration ----------------------------------------------------------------------
     def __iter__(self):
-        epoch = self.epoch
-        batches, shard_order = self._plan(epoch)
-        start, self._resume_batch = self._resume_batch, 0
-        self._position = start
+        epoch, batches, shard_order, start = self._begin()
         self._ensure_pool()
         self._drain_stale()
         self._token += 1

@@ -22,25 +22,6 @@ def collect(loader):
     return [(x.clone(), y.clone()) for x, y in loader]
 
 
-@pytest.fixture
-def corrupt_shards(colour_shards, tmp_path) -> tuple[Path, set[str]]:
-    """A copy of the colour shards with three JPEG members damaged in place."""
-    out = tmp_path / "corrupt"
-    shutil.copytree(colour_shards, out)
-    m = load_manifest(out)
-    bad = set()
-    for shard, pos in ((0, 1), (1, 0), (2, 2)):
-        entry = m["splits"]["train"]["shards"][shard]
-        members = read_dali_index(out / entry["index"])[pos]
-        off, size = members["jpg"]
-        with open(out / entry["name"], "r+b") as f:
-            f.seek(off)
-            f.write(b"NOTAJPEG" * 4)  # no SOI marker: the header read fails
-        lines = (out / entry["index"]).read_text().splitlines()
-        bad.add(f"{entry['name']}:{lines[pos + 1].split()[3].split('.')[0]}")
-    return out, bad
-
-
 def test_corrupt_samples_are_counted_replaced_and_deterministic(corrupt_shards, caplog):
     path, bad = corrupt_shards
     kw = dict(batch_size=6, image_size=24, device="cpu", normalize=False, seed=5)

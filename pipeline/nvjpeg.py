@@ -1,0 +1,182 @@
+"""The `nvjpeg` backend: decode and augment on the device, with torchvision's batched nvJPEG
+decode and one batched crop-resize-normalize kernel (kernels/batch_resize.py).
+
+Host threads only read each batch's JPEG bytes (mmap slices, or the remote stream) into a
+pinned buffer, read the headers, and draw each sample's crop and flip from the same
+counter-based RNG as the CPU backend, so the augmentation distribution is the same. The device
+work runs on one side stream created with the loader; the consumer's stream waits on it, and
+the outputs are marked with `record_stream`.
+
+torchvision fails a whole batch when one JPEG is corrupt; the batch is then decoded image by
+image to find the bad ones, each is replaced deterministically by another sample of its batch
+(the CPU backend's rule) and counted in `stats`.
+
+With device="cpu" the same code runs on torchvision's CPU decode_jpeg and the kernel's
+reference implementation; that is how it is tested without a GPU.
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kernels.batch_resize import batch_crop_resize
+from kernels.normalize import affine_constants
+
+from .decode import BatchDecoder, CorruptSample, DecodeConfig, replacement
+from .loader import LoaderConfig, PlannedLoader
+from .remote import RemoteReader
+from .source import SampleTable
+
+
+@dataclass
+class HostBatch:
+    ids: list[int]
+    data: list[torch.Tensor]   # JPEG bytes per sample (views of one pinned buffer)
+    sizes: np.ndarray          # (n, 2) width, height
+    labels: np.ndarray
+    bad: dict[int, str]        # sample id -> why it could not be read
+    read_s: float
+
+
+class NvjpegLoader(PlannedLoader):
+    def __init__(self, table: SampleTable, cfg: LoaderConfig):
+        super().__init__(table, cfg)
+        self.device = torch.device(cfg.device)
+        self.reader = BatchDecoder(table, DecodeConfig(cfg.image_size, cfg.train, cfg.seed, val_resize=cfg.val_resize))
+        self.scale, self.shift = affine_constants(cfg.mean, cfg.std, self.device)
+        if not cfg.normalize:  # identity affine on 0..255, then cast back to uint8 below
+            self.scale, self.shift = torch.full_like(self.scale, 1.0), torch.zeros_like(self.shift)
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._pool = ThreadPoolExecutor(max(1, cfg.workers), thread_name_prefix="nvjpeg-read")
+        self._pin = self.device.type == "cuda"
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- host side: bytes, headers, parameters --------------------------------------------------
+    def _read(self, ids: np.ndarray, raw: dict | None) -> HostBatch:
+        t0 = time.perf_counter()
+        ids = [int(s) for s in ids]
+        blobs, bad = [], {}
+        sizes = np.ones((len(ids), 2), np.int64)
+        labels = np.zeros(len(ids), np.int64)
+        for i, sid in enumerate(ids):
+            try:
+                b = self.reader._bytes(sid, raw)
+                sizes[i] = self.reader._size(b)
+                blobs.append(b)
+            except CorruptSample as e:
+                bad[sid] = str(e)
+                blobs.append(b"\xff\xd8")
+            labels[i] = self.reader._label(sid, raw)
+        total = sum(len(b) for b in blobs)
+        buf = torch.empty(total, dtype=torch.uint8, pin_memory=self._pin)
+        host = buf.numpy()
+        views, off = [], 0
+        for b in blobs:
+            n = len(b)
+            host[off:off + n] = np.frombuffer(b, np.uint8)  # the one copy: shard -> pinned buffer
+            views.append(buf[off:off + n])
+            off += n
+        return HostBatch(ids, views, sizes, labels, bad, time.perf_counter() - t0)
+
+    # -- device side -----------------------------------------------------------------------------
+    def _decode(self, hb: HostBatch) -> tuple[list[torch.Tensor | None], dict[int, str]]:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        good = [i for i, sid in enumerate(hb.ids) if sid not in hb.bad]
+        out: list[torch.Tensor | None] = [None] * len(hb.ids)
+        bad = dict(hb.bad)
+        try:
+            imgs = decode_jpeg([hb.data[i] for i in good], mode=ImageReadMode.RGB, device=self.device)
+            for i, t in zip(good, imgs):
+                out[i] = t
+        except RuntimeError:
+            for i in good:  # one bad JPEG fails the batch: find it
+                try:
+                    out[i] = decode_jpeg(hb.data[i], mode=ImageReadMode.RGB, device=self.device)
+                except RuntimeError as e:
+                    bad[hb.ids[i]] = f"nvjpeg: {str(e).splitlines()[0]}"
+        return out, bad
+
+    def _assemble(self, epoch: int, hb: HostBatch):
+        decoded, bad = self._decode(hb)
+        ids = hb.ids
+        pos = {sid: i for i, sid in enumerate(ids)}
+        images, sizes, labels = list(decoded), hb.sizes.copy(), hb.labels.copy()
+        corrupt = []
+        for i, sid in enumerate(ids):
+            if sid not in bad:
+                continue
+            corrupt.append((sid, self.table.key(sid), bad[sid]))
+            for attempt in range(16):
+                src = replacement(self.cfg.seed, epoch, sid, ids, attempt)
+                if src not in bad:
+                    j = pos[src]
+                    images[i], sizes[i], labels[i] = decoded[j], hb.sizes[j], hb.labels[j]
+                    break
+            else:
+                raise RuntimeError(f"epoch {epoch}: no decodable sample to replace {self.table.key(sid)}")
+        # Each sample keeps its own RNG draws, applied to the image it actually got.
+        boxes, flips = self.reader._params(epoch, ids, np.array([[t.shape[2], t.shape[1]] for t in images]))
+        dtype = self.cfg.dtype if self.cfg.normalize else torch.float32
+        x = batch_crop_resize(images, boxes, flips, self.cfg.image_size, self.scale, self.shift, dtype)
+        if not self.cfg.normalize:
+            x = x.round().clamp_(0, 255).to(torch.uint8)
+        if not self.cfg.channels_last:
+            x = x.contiguous()
+        y = torch.from_numpy(labels).to(self.device, non_blocking=True)
+        held = sum(t.numel() for t in decoded if t is not None) + x.numel() * x.element_size()
+        return x, y, corrupt, held
+
+    def __iter__(self):
+        epoch, batches, shard_order, start = self._begin()
+        reader = None
+        if self.table.remote:
+            reader = RemoteReader(self.table, shard_order, batches, start, lookahead=self.cfg.prefetch + 1)
+        depth = max(1, self.cfg.prefetch)
+        futures = {}
+        nxt = start
+
+        def submit():
+            nonlocal nxt
+            while nxt < len(batches) and len(futures) < depth:
+                raw = reader.take(batches[nxt]) if reader is not None else None
+                futures[nxt] = self._pool.submit(self._read, batches[nxt], raw)
+                nxt += 1
+        try:
+            while self._position < len(batches):
+                submit()
+                t0 = time.perf_counter()
+                hb = futures.pop(self._position).result()
+                submit()  # keep the readers busy while the device works on this batch
+                t1 = time.perf_counter()
+                if self.stream is not None:
+                    current = torch.cuda.current_stream(self.device)
+                    self.stream.wait_stream(current)
+                    with torch.cuda.stream(self.stream):
+                        x, y, corrupt, held = self._assemble(epoch, hb)
+                    current.wait_stream(self.stream)
+                    x.record_stream(current)
+                    y.record_stream(current)
+                else:
+                    x, y, corrupt, held = self._assemble(epoch, hb)
+                s = self.stats
+                s.wait_s += t1 - t0
+                s.read_s += hb.read_s
+                s.decode_s += time.perf_counter() - t1  # host time to enqueue (and, on CPU, run) it
+                s.samples += len(hb.ids)
+                s.batches += 1
+                s.device_bytes = max(s.device_bytes, held)
+                s.record_corrupt(corrupt)
+                self._position += 1
+                yield x, y
+        finally:
+            if reader is not None:
+                reader.stop()
+            for f in futures.values():
+                f.cancel()

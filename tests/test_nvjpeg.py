@@ -1,0 +1,99 @@
+"""The nvjpeg backend and the batched device kernel, run whole on the CPU: torchvision's CPU
+decode_jpeg stands in for nvJPEG, and the Triton kernel runs under TRITON_INTERPRET=1."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from pipeline import Loader
+
+KERNEL_CHECK = r"""
+import numpy as np, torch
+from kernels.batch_resize import batch_crop_resize, batch_crop_resize_reference, normalize_nhwc_fused
+from kernels.normalize import IMAGENET_MEAN, IMAGENET_STD, affine_constants, normalize_nhwc
+rng = np.random.default_rng(0)
+scale, shift = affine_constants(IMAGENET_MEAN, IMAGENET_STD, "cpu")
+worst = 0.0
+for trial in range(4):
+    sizes = [(int(rng.integers(12, 70)), int(rng.integers(12, 70))) for _ in range(3)]
+    imgs = [torch.from_numpy(rng.integers(0, 256, (3, h, w), dtype=np.uint8)) for h, w in sizes]
+    boxes = []
+    for h, w in sizes:
+        bw, bh = rng.uniform(2, w), rng.uniform(2, h)
+        boxes.append([rng.uniform(0, w - bw), rng.uniform(0, h - bh), bw, bh])
+    boxes = np.array(boxes)
+    flips = rng.integers(0, 2, 3)
+    for dtype in (torch.float32, torch.bfloat16):
+        k = batch_crop_resize(imgs, boxes, flips, 12, scale, shift, dtype, force_kernel=True)
+        r = batch_crop_resize_reference(imgs, boxes, flips, 12, scale, shift, dtype)
+        assert k.dtype == dtype and k.shape == (3, 3, 12, 12)
+        assert k.is_contiguous(memory_format=torch.channels_last)
+        worst = max(worst, float((k.float() - r.float()).abs().max()))
+# uint8 rounding in the reference is 0.5/255/0.225 = 0.0087; bf16 adds up to 2^-8 relative.
+assert worst < 0.03, worst
+x = torch.randint(0, 256, (2, 5, 7, 3), dtype=torch.uint8)
+a = normalize_nhwc_fused(x, scale, shift, torch.float32, force_kernel=True)
+assert a.is_contiguous(memory_format=torch.channels_last)
+assert torch.allclose(a, normalize_nhwc(x, scale, shift, torch.float32), atol=1e-6)
+print("ok", worst)
+"""
+
+
+def test_triton_kernels_match_reference_in_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-c", KERNEL_CHECK], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr[-3000:]
+
+
+def collect(loader):
+    return [(x.clone(), y.clone()) for x, y in loader]
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_nvjpeg_backend_on_cpu_matches_cpu_backend(colour_shards, split):
+    kw = dict(split=split, batch_size=8, image_size=32, device="cpu", workers=2, normalize=False, seed=3)
+    nv = collect(Loader(colour_shards, backend="nvjpeg", **kw))
+    cpu = collect(Loader(colour_shards, backend="cpu", **kw))
+    assert len(nv) == len(cpu) > 0
+    for (a, la), (b, lb) in zip(nv, cpu):
+        assert a.shape == b.shape and a.dtype == torch.uint8 and torch.equal(la, lb)
+        diff = (a.int() - b.int()).abs()
+        # Same crops and flips; only the decoders differ (full image vs the crop's region).
+        assert diff.float().mean() < 1.0 and diff.max() <= 24
+
+
+def test_nvjpeg_backend_contract(colour_shards):
+    kw = dict(batch_size=8, image_size=32, device="cpu", seed=4)
+    loader = Loader(colour_shards, backend="nvjpeg", workers=1, **kw)
+    x, y = next(iter(loader))
+    assert x.shape == (8, 3, 32, 32) and x.dtype == torch.bfloat16
+    assert x.is_contiguous(memory_format=torch.channels_last) and y.dtype == torch.int64
+    ref = collect(Loader(colour_shards, backend="nvjpeg", workers=1, **kw))
+    other = collect(Loader(colour_shards, backend="nvjpeg", workers=3, **kw))  # thread count: no effect
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(ref, other))
+    head_loader = Loader(colour_shards, backend="nvjpeg", workers=2, **kw)
+    it = iter(head_loader)
+    head = [tuple(t.clone() for t in next(it)) for _ in range(2)]
+    resumed = Loader(colour_shards, backend="nvjpeg", workers=2, **kw)
+    resumed.load_state_dict(head_loader.state_dict())
+    tail = collect(resumed)
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(head + tail, ref))
+    assert loader.stats.device_bytes > 0
+
+
+def test_nvjpeg_backend_isolates_corrupt_samples(corrupt_shards):
+    path, bad = corrupt_shards
+    kw = dict(batch_size=6, image_size=24, device="cpu", normalize=False, seed=5, drop_last=False)
+    loader = Loader(path, backend="nvjpeg", workers=2, **kw)
+    a = collect(loader)
+    assert sum(len(y) for _, y in a) == 60
+    assert set(loader.stats.corrupt_keys) == bad and loader.stats.corrupt == len(bad)
+    cpu = collect(Loader(path, backend="cpu", workers=1, **kw))
+    for (x1, y1), (x2, y2) in zip(a, cpu):  # the same stand-ins as the CPU backend
+        assert torch.equal(y1, y2) and (x1.int() - x2.int()).abs().float().mean() < 1.0
