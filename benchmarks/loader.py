@@ -95,7 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--skip-reference", action="store_true", help="only our loaders")
     p.add_argument("--chart", default=None, help="PNG path (default: next to the JSON)")
+    p.add_argument("--device", default="cpu", help="cuda: measure batches delivered to the GPU, per backend")
+    p.add_argument("--backends", nargs="+", default=["cpu", "nvjpeg"], help="with --device cuda")
+    p.add_argument("--image-size", type=int, default=224)
     a = p.parse_args(argv)
+    if a.device != "cpu":
+        return device_benchmark(a, argv)
 
     from convert.imagenet_to_shards import convert
     from pipeline import Loader
@@ -165,6 +170,43 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {chart}")
     except ImportError:
         print("matplotlib missing (pip install -e '.[bench]'): no chart")
+    return 0
+
+
+def device_benchmark(a, argv) -> int:
+    """Loader alone on a GPU machine: normalized bf16 batches on the device, per backend."""
+    from convert.imagenet_to_shards import convert
+    from pipeline import Loader
+
+    src = imagenet_like(a.classes, a.per_class)
+    shards = src.parent / f"{src.name}_shards_full"
+    if not (shards / "manifest.json").exists():
+        convert(src, shards, splits=["train"], shard_size_mb=32, progress=False)
+    rows = []
+    for backend in a.backends:
+        for w in a.workers:
+            try:
+                ld = Loader(shards, backend=backend, batch_size=a.batch_size, image_size=a.image_size,
+                            device=a.device, workers=w, dtype=torch.bfloat16)
+            except ImportError as e:  # e.g. DALI not installed on this machine
+                rows.append({"name": f"{backend}, {w} workers", "img_s": None, "note": str(e)[:60]})
+                continue
+
+            def epoch():
+                n = 0
+                for x, y in ld:
+                    n += len(y)
+                torch.cuda.synchronize()
+                return n
+            r = timed(epoch, repeats=a.repeats, warmup=1)
+            rows.append({"name": f"{backend}, {w} workers", "backend": backend, "workers": w, "img_s": r["median"],
+                         "loader_gpu_bytes": ld.stats.device_bytes})
+            ld.close()
+            print(f"{backend} {w} workers: {r['median']:.0f} img/s", flush=True)
+    print(table(rows, [("name", "loader to the device", "s"), ("img_s", "img/s", ".0f"), ("note", "note", "s")]))
+    path = write_json(f"loader_{a.device.split(':')[0]}", {"rows": rows, "batch_size": a.batch_size,
+                                                            "command": "python -m benchmarks.loader " + " ".join(argv or [])})
+    print(f"wrote {path}")
     return 0
 
 

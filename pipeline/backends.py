@@ -32,6 +32,13 @@ def _nvjpeg(shards, cfg: LoaderConfig):
     return NvjpegLoader(open_split(shards, cfg.split), cfg)
 
 
+@register_backend("dali")
+def _dali(shards, cfg: LoaderConfig):
+    from .dali import DaliLoader
+
+    return DaliLoader(open_split(shards, cfg.split), cfg)
+
+
 @register_backend("synthetic")
 def _synthetic(shards, cfg: LoaderConfig):
     from .synthetic import SyntheticLoader

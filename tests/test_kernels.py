@@ -119,3 +119,19 @@ def test_normalize_matches_reference():
             assert y.dtype == dtype and y.shape == (3, 3, 7, 5)
             assert y.is_contiguous(memory_format=torch.channels_last) if cl else y.is_contiguous()
             assert torch.allclose(y.float(), ref, atol=tol)
+
+
+def test_device_summary_reads_the_check_outputs(tmp_path, capsys):
+    import json
+
+    from benchmarks.device_summary import main
+
+    (tmp_path / "loader_cuda.json").write_text(json.dumps({"rows": [{"name": "nvjpeg, 16 workers", "img_s": 9000.0}]}))
+    (tmp_path / "train_step_cuda.json").write_text(json.dumps({"rows": [
+        {"arch": "resnet152", "batch": 256, "precision": "O2:bf16", "compile": False, "img_s": 2500.0, "mfu": 0.22}]}))
+    (tmp_path / "e2e_synthetic.log").write_text("x * FPS@all 2500.000\n")
+    (tmp_path / "e2e_nvjpeg.log").write_text("x * FPS@all 2450.000\n")
+    (tmp_path / "e2e_cpu.log").write_text("Traceback: boom\n")
+    assert main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "9000.0" in out and "MFU 22.0%" in out and "98.0% of synthetic" in out and "failed" in out

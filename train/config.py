@@ -67,7 +67,7 @@ class TrainConfig:
     cuda_graph: bool = opt("--cuda-graph", help="CUDA graphs through torch.compile(mode='reduce-overhead')",
                            default=False)
     no_bn_wd: bool = opt("--no-bn-wd", help="no weight decay on BatchNorm and bias", default=False)
-    backend: str = opt("--backend", help="loader backend: auto, cpu or synthetic", default="auto")
+    backend: str = opt("--backend", help="loader backend: auto, cpu, nvjpeg, dali or synthetic", default="auto")
     synthetic: bool = opt("--synthetic", "--dummy", help="synthetic data (model speed alone)", default=False)
     max_steps: int = opt("--max-steps", help="stop after N optimizer steps (0: no limit)", default=0)
     save_every: int = opt("--save-every", help="also checkpoint every N steps (0: only at epoch ends)", default=0)
@@ -138,8 +138,8 @@ def validate(cfg: TrainConfig, given: set[str]) -> None:
     for name in ("workers", "max_steps", "save_every", "warm_up_epochs", "start_epoch", "eval_every"):
         if getattr(cfg, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0")
-    if cfg.backend not in ("auto", "cpu", "synthetic"):
-        raise UsageError(f"--backend {cfg.backend!r}: expected auto, cpu or synthetic")
+    if cfg.backend not in ("auto", "cpu", "nvjpeg", "dali", "synthetic"):
+        raise UsageError(f"--backend {cfg.backend!r}: expected auto, cpu, nvjpeg, dali or synthetic")
     if cfg.synthetic and "backend" in given and cfg.backend != "synthetic":
         raise UsageError(f"--synthetic conflicts with --backend {cfg.backend}")
     if cfg.demo and "shards" in given:
