@@ -119,6 +119,28 @@ def corrupt_shards(colour_shards, tmp_path) -> tuple[Path, set[str]]:
     return out, bad
 
 
+def assert_resumes_exactly(make_loader, head_batches: int, through_json: bool = False) -> dict:
+    """Take `head_batches` from one loader, restore its state into a fresh one, and check that
+    head + the rest equals an uninterrupted epoch, bitwise. Returns the saved state."""
+    import json
+
+    import torch
+
+    reference = [(x.clone(), y.clone()) for x, y in make_loader()]
+    first = make_loader()
+    it = iter(first)
+    head = [tuple(t.clone() for t in next(it)) for _ in range(head_batches)]
+    state = first.state_dict()
+    assert state["batch"] == head_batches
+    resumed = make_loader()
+    resumed.load_state_dict(json.loads(json.dumps(state)) if through_json else state)
+    tail = [(x.clone(), y.clone()) for x, y in resumed]
+    assert len(head) + len(tail) == len(reference)
+    for (a, la), (b, lb) in zip(head + tail, reference):
+        assert torch.equal(a, b) and torch.equal(la, lb)
+    return state
+
+
 def run_cli(module: str, *args, **kw):
     import subprocess
 

@@ -9,6 +9,7 @@ from pipeline import Loader
 
 pytest.importorskip("nvidia.dali", reason="the dali extra (nvidia-dali-cuda130) is not installed")
 
+from conftest import assert_resumes_exactly  # noqa: E402
 from test_loader import colour_of  # noqa: E402
 
 
@@ -52,18 +53,8 @@ def test_dali_two_ranks_equal_steps_and_val_exactly_once(colour_shards):
 
 def test_dali_state_dict_resumes(colour_shards):
     kw = dict(backend="dali", batch_size=6, image_size=16, device="cpu", workers=1, normalize=False, seed=3)
-    ref = collect(Loader(colour_shards, **kw))
-    first = Loader(colour_shards, **kw)
-    it = iter(first)
-    head = [tuple(t.clone() for t in next(it)) for _ in range(3)]
-    state = first.state_dict()
-    assert state["batch"] == 3 and isinstance(state["dali_checkpoint"], (str, bytes))
-    resumed = Loader(colour_shards, **kw)
-    resumed.load_state_dict(state)
-    tail = collect(resumed)
-    assert len(head) + len(tail) == len(ref)
-    for (a, la), (b, lb) in zip(head + tail, ref):
-        assert torch.equal(la, lb) and torch.equal(a, b)
+    state = assert_resumes_exactly(lambda: Loader(colour_shards, **kw), 3)
+    assert isinstance(state["dali_checkpoint"], (str, bytes))
 
 
 def test_dali_missing_package_message(monkeypatch):

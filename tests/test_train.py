@@ -240,3 +240,13 @@ def test_plot_draws_curves(tmp_path):
     png = (run / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert plot_main([str(tmp_path / "nothing")]) == 2
+
+
+def test_seed_style_multiprocessing_distributed_launch(small_shards, tmp_path):
+    r = run_cli("train.run", "--shards", small_shards, *BASE, "-b", "16", "--epochs", "1", "--max-steps", "3",
+                "-p", "1", "--multiprocessing-distributed", "--device-list", "0,1", "--dist-url",
+                "tcp://127.0.0.1:29733", "--output", tmp_path / "mpd", timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    cfg = json.loads((tmp_path / "mpd" / "config.json").read_text())
+    assert cfg["world_size_effective"] == 2
+    assert "| DEVICE" in r.stdout and len(losses(tmp_path / "mpd")) == 3
