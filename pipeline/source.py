@@ -141,8 +141,11 @@ def _build(urls: list[str], indexes: list[list[tuple[str, dict]]], remote: bool,
 
 def _read_local_labels(table: SampleTable) -> None:
     """Labels from the .cls members, read once through mmap (a few bytes per sample)."""
+    starts = np.concatenate([[0], np.cumsum(table.shard_sizes)]).astype(np.int64)
     for s, url in enumerate(table.urls):
-        rows = np.nonzero(table.shard == s)[0]
+        rows = range(starts[s], starts[s + 1])
+        if not len(rows):
+            continue
         with open(url, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             for r in rows:
                 off, n = table.cls_offset[r]

@@ -114,13 +114,13 @@ def build_loaders(cfg: TrainConfig, device: Device, info: DistInfo, input_dtype:
     return train, val
 
 
-def num_classes(cfg: TrainConfig) -> int:
-    if cfg.shards is None:
-        return 1000
-    from pipeline.source import open_split
-
-    table = open_split(cfg.shards, "train")
-    return max(len(table.classes), int(table.label.max()) + 1 if (table.label >= 0).any() else 1)
+def num_classes(loader) -> int:
+    """Classes of the dataset behind a loader (the manifest's list, else the largest label)."""
+    table = getattr(loader, "table", None)
+    if table is None:
+        return getattr(loader, "num_classes", 1000)
+    known = int(table.label.max()) + 1 if (table.label >= 0).any() else 1
+    return max(len(table.classes), known)
 
 
 def validate(model, loader, criterion, precision: Precision, info: DistInfo, log) -> tuple[float, float]:
@@ -166,7 +166,8 @@ def train(cfg: TrainConfig, spawn_index: int | None = None) -> dict:
     precision = Precision(opt_level, amp_dtype, cfg.loss_scale, device.kind)
     input_dtype = precision.input_dtype if opt_level != "O1" else amp_dtype
 
-    model, optimizer, opt_name = build(cfg.arch, num_classes(cfg), device, precision, cfg.lr, cfg.momentum,
+    train_loader, val_loader = build_loaders(cfg, device, info, input_dtype)
+    model, optimizer, opt_name = build(cfg.arch, num_classes(train_loader), device, precision, cfg.lr, cfg.momentum,
                                        cfg.weight_decay, cfg.no_bn_wd, cfg.optimizer, seed=cfg.seed)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     bare = model
@@ -178,7 +179,6 @@ def train(cfg: TrainConfig, spawn_index: int | None = None) -> dict:
     if cfg.compile or cfg.cuda_graph:
         step_model = torch.compile(model, mode="reduce-overhead" if cfg.cuda_graph else None)
 
-    train_loader, val_loader = build_loaders(cfg, device, info, input_dtype)
     steps_per_epoch = len(train_loader)
     start_epoch, step, best_acc1 = cfg.start_epoch, cfg.start_epoch * steps_per_epoch, 0.0
     if cfg.resume:
