@@ -57,7 +57,9 @@ class LoaderConfig:
     worker_mode: str = "process"
     shuffle_buffer: int = 4096  # remote shards only
     val_resize: int | None = None
-    fast_dct: bool = False
+    # libjpeg's fast integer IDCT and plain chroma upsampling: ~4 % more train throughput here;
+    # None means on for train (augmentation dwarfs the error) and off for val (exact pixels).
+    fast_dct: bool | None = None
     mean: tuple = IMAGENET_MEAN
     std: tuple = IMAGENET_STD
 
@@ -191,7 +193,8 @@ class ShardLoader(PlannedLoader):
     def __init__(self, table: SampleTable, cfg: LoaderConfig):
         super().__init__(table, cfg)
         self.decoder = BatchDecoder(table, DecodeConfig(cfg.image_size, cfg.train, cfg.seed,
-                                                        val_resize=cfg.val_resize, fast_dct=cfg.fast_dct))
+                                                        val_resize=cfg.val_resize,
+                                                        fast_dct=cfg.train if cfg.fast_dct is None else cfg.fast_dct))
         self.device_stage = DeviceStage(cfg)
         self.slots = max(2, cfg.prefetch * max(cfg.workers, 1))
         self._pool: WorkerPool | None = None
