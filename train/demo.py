@@ -6,6 +6,7 @@ override the demo's choices.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -24,11 +25,13 @@ DEMO = dict(arch="resnet18", image_size=64, batch_size=64, epochs=12, lr=0.05, w
 def prepare_demo(cfg: TrainConfig, given: set[str]) -> TrainConfig:
     from convert.imagenet_to_shards import convert
     from convert.manifest import load_manifest
-    from convert.synthetic import SyntheticConfig, generate
+    from convert.synthetic import COMPLETE_MARKER, SyntheticConfig, generate
 
-    src = generate(DEMO_DATA / "images", SyntheticConfig(classes=10, per_class=160, val_per_class=30, size=112),
-                   progress=True)
-    shards = DEMO_DATA / "shards"
+    synthetic = SyntheticConfig(classes=10, per_class=160, val_per_class=30, size=112)
+    src = generate(DEMO_DATA / "images", synthetic, progress=True)
+    # The shards are named after what they were made from, so new images never meet old shards.
+    tag = hashlib.sha256((src / COMPLETE_MARKER).read_bytes()).hexdigest()[:12]
+    shards = DEMO_DATA / f"shards-{tag}"
     try:
         ready = load_manifest(shards)["complete"]
     except (OSError, ValueError):
