@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -194,7 +193,7 @@ def device_benchmark(a, argv) -> int:
 
             def epoch():
                 n = 0
-                for x, y in ld:
+                for _, y in ld:
                     n += len(y)
                 torch.cuda.synchronize()
                 return n

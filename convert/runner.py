@@ -315,7 +315,8 @@ def format_summary(reports: dict[str, SplitReport], seconds: float) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
     new = sum(r.written for r in reports.values())
-    lines.append(f"time {seconds:.1f} s, {new} samples written" + (f", {new / seconds:.0f} img/s" if seconds > 0 else ""))
+    rate = f", {new / seconds:.0f} img/s" if seconds > 0 else ""
+    lines.append(f"time {seconds:.1f} s, {new} samples written{rate}")
     rejects = [rj for r in reports.values() for rj in r.rejects]
     if rejects:
         lines.append(f"rejected {len(rejects)} file(s):")

@@ -23,7 +23,7 @@ from kernels.normalize import IMAGENET_MEAN, IMAGENET_STD, affine_constants, nor
 from . import plan
 from .decode import BatchDecoder, DecodeConfig
 from .remote import RemoteReader
-from .source import SampleTable, open_split
+from .source import SampleTable
 from .stats import LoaderStats
 from .workers import WorkerPool
 

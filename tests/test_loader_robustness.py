@@ -4,7 +4,6 @@ from __future__ import annotations
 import http.server
 import json
 import logging
-import shutil
 import threading
 from pathlib import Path
 
@@ -14,7 +13,6 @@ import torch
 
 from conftest import assert_resumes_exactly
 from convert.manifest import ManifestError, load_manifest
-from convert.tarwriter import read_dali_index
 from pipeline import Loader
 from pipeline.http import HTTPReadError, http_get
 

@@ -3,9 +3,10 @@
 - O0: fp32 everywhere.
 - O1: fp32 weights, autocast for the forward pass.
 - O2: the model's weights are held in half precision (bf16 or fp16), except BatchNorm, which
-  stays fp32 (its kernels take half inputs with fp32 parameters); the optimizer steps fp32 master copies, which are copied back to the model after
-  each step. fp16 uses a loss scale (dynamic, or static from --loss-scale) and skips steps whose
-  gradients overflowed; bf16 has fp32's range and needs no scaling.
+  stays fp32 (its kernels take half inputs with fp32 parameters); the optimizer steps fp32
+  master copies, which are copied back to the model after each step. fp16 uses a loss scale
+  (dynamic, or static from --loss-scale) and skips steps whose gradients overflowed; bf16 has
+  fp32's range and needs no scaling.
 
 The fp16 overflow check does not sync the host: the scale and the found-inf flag live on the
 device and feed the fused optimizer (its grad_scale / found_inf inputs), which skips the update

@@ -199,7 +199,8 @@ def train(cfg: TrainConfig, spawn_index: int | None = None) -> dict:
                     "optimizer_impl": opt_name, "world_size_effective": info.world, "device_name": device.name(),
                     "torch": torch.__version__, "code_version": code_version(), "steps_per_epoch": steps_per_epoch}
         (out / "config.json").write_text(json.dumps(resolved, indent=1))
-    log.info(f"=> {cfg.arch} on {device.name()} x{info.world}, {opt_level} ({amp_dtype if opt_level != 'O0' else 'fp32'}), "
+    precision_name = str(amp_dtype).replace("torch.", "") if opt_level != "O0" else "fp32"
+    log.info(f"=> {cfg.arch} on {device.name()} x{info.world}, {opt_level} ({precision_name}), "
              f"optimizer {opt_name}, batch {cfg.batch_size}/process, {steps_per_epoch} steps/epoch, "
              f"loader {train_loader.__class__.__name__}")
 
@@ -214,7 +215,8 @@ def train(cfg: TrainConfig, spawn_index: int | None = None) -> dict:
         train_loader.set_epoch(epoch)
         first = train_loader.state_dict()["batch"]  # > 0 when resuming mid-epoch
         batch_time, data_time = AverageMeter("Time", ":6.3f"), AverageMeter("Data", ":6.3f")
-        losses, top1, top5 = AverageMeter("Loss", ":.4e"), AverageMeter("Acc@1", ":6.2f"), AverageMeter("Acc@5", ":6.2f")
+        losses = AverageMeter("Loss", ":.4e")
+        top1, top5 = AverageMeter("Acc@1", ":6.2f"), AverageMeter("Acc@5", ":6.2f")
         model.train()
         it = iter(train_loader)
         waited = [0.0]  # host seconds blocked on the loader since the last log line
@@ -255,8 +257,8 @@ def train(cfg: TrainConfig, spawn_index: int | None = None) -> dict:
                 batch_time.update((now - t_last) / steps_since, steps_since)
                 data_time.update(waited[0] / steps_since, steps_since)
                 log.info(progress_line(epoch, i, steps_per_epoch, [batch_time, data_time, losses, top1, top5]))
-                metrics.write(step=step, epoch=epoch, loss=loss_v, lr=lr, img_s=world_batch * steps_since / (now - t_last),
-                              data_wait=waited[0] / (now - t_last))
+                metrics.write(step=step, epoch=epoch, loss=loss_v, lr=lr,
+                              img_s=world_batch * steps_since / (now - t_last), data_wait=waited[0] / (now - t_last))
                 t_last, steps_since, waited[0] = now, 0, 0.0
             if info.main and cfg.save_every and step % cfg.save_every == 0:
                 # `i` batches of this epoch are trained; the prefetched one is not.
@@ -296,7 +298,9 @@ def train(cfg: TrainConfig, spawn_index: int | None = None) -> dict:
 
 def results_table(result: dict) -> str:
     dev = result["device"]
-    amp = result["opt_level"] if result["opt_level"] == "O0" else f"{result['opt_level']} {str(result.get('amp_dtype', '')).replace('torch.', '')}"
+    amp = result["opt_level"]
+    if amp != "O0":
+        amp += " " + str(result.get("amp_dtype", "")).replace("torch.", "")
     rows = [("DEVICE", "PT version", "Acc@1", "FPS", "Epochs", "AMP_Type"),
             (dev.name(), torch.__version__.split("+")[0], f"{result['acc1']:.3f}", f"{result['fps']:.3f}",
              str(result["epochs"]), amp)]
