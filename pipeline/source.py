@@ -102,14 +102,17 @@ def _index_from_tar(path: Path) -> list[tuple[str, dict]]:
 def _load_index(url: str, remote: bool) -> list[tuple[str, dict]]:
     """The DALI index beside a shard (fetched for remote shards; built from the tar if absent)."""
     idx = url[:-4] + ".idx" if url.endswith(".tar") else url + ".idx"
-    if remote:
-        try:
-            return parse_dali_index(http_get(idx).decode(), idx)
-        except OSError as e:
-            raise ShardError(f"{url}: remote shards need their .idx beside them ({e})") from None
-    if os.path.isfile(idx):
-        return parse_dali_index(Path(idx).read_text(), idx)
-    return _index_from_tar(Path(url))
+    try:
+        if remote:
+            try:
+                return parse_dali_index(http_get(idx).decode(), idx)
+            except OSError as e:
+                raise ShardError(f"{url}: remote shards need their .idx beside them ({e})") from None
+        if os.path.isfile(idx):
+            return parse_dali_index(Path(idx).read_text(), idx)
+        return _index_from_tar(Path(url))
+    except (ValueError, tarfile.TarError) as e:  # a damaged index or tar: name it
+        raise ShardError(f"shard {url}: unreadable index ({e})") from None
 
 
 def _image_ext(key: str, members: dict, origin: str) -> str:

@@ -205,3 +205,12 @@ def test_synthetic_backend_contract(colour_shards):
     assert int(y.max()) < 6
     loader2 = Loader(None, backend="synthetic", batch_size=8, image_size=32, device="cpu")
     assert len(loader2) == 1_281_167 // 8
+
+
+def test_damaged_index_is_named(colour_shards, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(colour_shards, broken)
+    name = load_manifest(broken)["splits"]["train"]["shards"][0]["index"]
+    (broken / name).write_text("v1.2 3\njpg 1 2\n")
+    with pytest.raises(ShardError, match=name):
+        Loader(broken, device="cpu", batch_size=4)
