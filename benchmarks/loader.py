@@ -68,7 +68,7 @@ def decode_ceiling(shards: Path, n: int = 300) -> dict:
 
     table_ = open_split(shards, "train")
     dec = BatchDecoder(table_, DecodeConfig(224, True, 49))
-    datas = [bytes(dec._bytes(i, None)) for i in range(min(n, len(table_)))]
+    datas = [bytes(dec.read_bytes(i, None)) for i in range(min(n, len(table_)))]
 
     def full():
         for d in datas:

@@ -45,7 +45,6 @@ class DecodeConfig:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     val_resize: int | None = None
     fast_dct: bool = False  # libjpeg's fast IDCT and plain upsampling: ~4 % faster, less exact
-    roi: bool = True  # False: decode whole images (for comparison; same output up to rounding)
 
 
 def dct_denominator(box_w: float, box_h: float, out: int) -> int:
@@ -80,7 +79,8 @@ class BatchDecoder:
         self._maps.clear()
 
     # -- bytes ---------------------------------------------------------------------------
-    def _bytes(self, sid: int, raw: dict | None):
+    def read_bytes(self, sid: int, raw: dict | None):
+        """The image member of sample `sid`: a view of the mapped shard, or from `raw` (remote)."""
         if raw is not None:
             return raw[sid][0]
         s = int(self.table.shard[sid])
@@ -93,11 +93,12 @@ class BatchDecoder:
             raise CorruptSample(f"member runs past the end of {self.table.urls[s]}")
         return memoryview(mm)[off:off + n]
 
-    def _label(self, sid: int, raw: dict | None) -> int:
+    def label(self, sid: int, raw: dict | None) -> int:
         return int(raw[sid][1]) if raw is not None else int(self.table.label[sid])
 
     # -- decode --------------------------------------------------------------------------
-    def _size(self, data) -> tuple[int, int]:
+    def header_size(self, data) -> tuple[int, int]:
+        """(width, height) from the image header; CorruptSample if it cannot be read."""
         try:
             if _jpeg is not None and bytes(data[:2]) == _JPEG_MAGIC:
                 w, h, _, _ = _jpeg.header(data)
@@ -112,12 +113,8 @@ class BatchDecoder:
         x0, y0, bw, bh = box
         d = dct_denominator(bw, bh, self.cfg.image_size)
         if _jpeg is not None and bytes(data[:2]) == _JPEG_MAGIC:
-            if self.cfg.roi:
-                ix, iy = int(x0), int(y0)
-                iw, ih = int(np.ceil(x0 + bw)) - ix, int(np.ceil(y0 + bh)) - iy
-            else:
-                w, h, _, _ = _jpeg.header(data)
-                ix, iy, iw, ih = 0, 0, w, h
+            ix, iy = int(x0), int(y0)
+            iw, ih = int(np.ceil(x0 + bw)) - ix, int(np.ceil(y0 + bh)) - iy
             # Room for the crop widened to iMCU edges (at most 2 x 16 px, scaled) on each row.
             need = (iw // d + 40) * (ih // d + 2) * 3
             if self._scratch.size < need:
@@ -161,30 +158,29 @@ class BatchDecoder:
         sizes = np.ones((len(ids), 2), np.int64)
         for i, sid in enumerate(ids):
             try:
-                data[sid] = self._bytes(sid, raw)
-                sizes[i] = self._size(data[sid])
+                data[sid] = self.read_bytes(sid, raw)
+                sizes[i] = self.header_size(data[sid])
             except CorruptSample as e:
                 bad[sid] = str(e)
-        boxes, flips = self._params(epoch, ids, sizes)
+        boxes, flips = self.params(epoch, ids, sizes)
         t_read = time.perf_counter()
         corrupt = []
         for i, sid in enumerate(ids):
             if sid not in bad:
                 try:
                     self._decode_into(data[sid], boxes[i], flips[i], images[i])
-                    labels[i] = self._label(sid, raw)
+                    labels[i] = self.label(sid, raw)
                     continue
                 except CorruptSample as e:
                     bad[sid] = str(e)
             corrupt.append((sid, self.table.key(sid), bad[sid]))
-            for attempt in range(_MAX_REPLACEMENT_TRIES):
-                src = self._replacement(epoch, sid, ids, attempt)
+            for src in stand_ins(self.cfg.seed, epoch, sid, ids):
                 if src in bad:
                     continue
-                b, f = self._params(epoch, [sid], sizes[pos[src]][None])
+                b, f = self.params(epoch, [sid], sizes[pos[src]][None])
                 try:
                     self._decode_into(data[src], b[0], f[0], images[i])
-                    labels[i] = self._label(src, raw)
+                    labels[i] = self.label(src, raw)
                     break
                 except CorruptSample as e:
                     bad[src] = str(e)  # reported when its own turn comes
@@ -194,7 +190,7 @@ class BatchDecoder:
         return {"read_s": t_read - t0, "decode_s": time.perf_counter() - t_read, "corrupt": corrupt,
                 "n": len(ids)}
 
-    def _params(self, epoch: int, ids, sizes: np.ndarray):
+    def params(self, epoch: int, ids, sizes: np.ndarray):
         """Crop boxes and flips for samples `ids` (their RNG keys) on images of `sizes` (w, h)."""
         if self.cfg.train:
             return train_params(self.cfg.seed, epoch, np.asarray(ids), sizes[:, 0], sizes[:, 1],
@@ -202,11 +198,10 @@ class BatchDecoder:
         return (val_params(sizes[:, 0], sizes[:, 1], self.cfg.image_size, self.cfg.val_resize),
                 np.zeros(len(ids), bool))
 
-    def _replacement(self, epoch: int, sid: int, ids: list[int], attempt: int) -> int:
-        return replacement(self.cfg.seed, epoch, sid, ids, attempt)
 
-
-def replacement(seed: int, epoch: int, sid: int, ids: list[int], attempt: int) -> int:
-    """The attempt-th stand-in for a corrupt sample `sid`: a sample of the same batch, by hash."""
-    u = uniforms(seed, epoch, np.array([sid]), attempt + 1, stream=_REPLACE_STREAM)[0, attempt]
-    return int(ids[int(u * len(ids))])
+def stand_ins(seed: int, epoch: int, sid: int, ids: list[int]):
+    """Candidate stand-ins for a corrupt sample `sid`, in order: samples of the same batch picked
+    by a hash of (seed, epoch, sid), so every backend and worker count picks the same ones."""
+    u = uniforms(seed, epoch, np.array([sid]), _MAX_REPLACEMENT_TRIES, stream=_REPLACE_STREAM)[0]
+    for v in u:
+        yield int(ids[int(v * len(ids))])

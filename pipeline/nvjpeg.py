@@ -26,7 +26,7 @@ import torch
 from kernels.batch_resize import batch_crop_resize
 from kernels.normalize import affine_constants
 
-from .decode import BatchDecoder, CorruptSample, DecodeConfig, replacement
+from .decode import BatchDecoder, CorruptSample, DecodeConfig, stand_ins
 from .loader import LoaderConfig, PlannedLoader
 from .remote import RemoteReader
 from .source import SampleTable
@@ -66,13 +66,13 @@ class NvjpegLoader(PlannedLoader):
         labels = np.zeros(len(ids), np.int64)
         for i, sid in enumerate(ids):
             try:
-                b = self.reader._bytes(sid, raw)
-                sizes[i] = self.reader._size(b)
+                b = self.reader.read_bytes(sid, raw)
+                sizes[i] = self.reader.header_size(b)
                 blobs.append(b)
             except CorruptSample as e:
                 bad[sid] = str(e)
                 blobs.append(b"\xff\xd8")
-            labels[i] = self.reader._label(sid, raw)
+            labels[i] = self.reader.label(sid, raw)
         total = sum(len(b) for b in blobs)
         buf = torch.empty(total, dtype=torch.uint8, pin_memory=self._pin)
         host = buf.numpy()
@@ -113,8 +113,7 @@ class NvjpegLoader(PlannedLoader):
             if sid not in bad:
                 continue
             corrupt.append((sid, self.table.key(sid), bad[sid]))
-            for attempt in range(16):
-                src = replacement(self.cfg.seed, epoch, sid, ids, attempt)
+            for src in stand_ins(self.cfg.seed, epoch, sid, ids):
                 if src not in bad:
                     j = pos[src]
                     images[i], sizes[i], labels[i] = decoded[j], hb.sizes[j], hb.labels[j]
@@ -122,7 +121,7 @@ class NvjpegLoader(PlannedLoader):
             else:
                 raise RuntimeError(f"epoch {epoch}: no decodable sample to replace {self.table.key(sid)}")
         # Each sample keeps its own RNG draws, applied to the image it actually got.
-        boxes, flips = self.reader._params(epoch, ids, np.array([[t.shape[2], t.shape[1]] for t in images]))
+        boxes, flips = self.reader.params(epoch, ids, np.array([[t.shape[2], t.shape[1]] for t in images]))
         dtype = self.cfg.dtype if self.cfg.normalize else torch.float32
         x = batch_crop_resize(images, boxes, flips, self.cfg.image_size, self.scale, self.shift, dtype)
         if not self.cfg.normalize:
