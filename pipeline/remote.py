@@ -19,13 +19,13 @@ class RemoteReader:
     def __init__(self, table: SampleTable, shard_order: list[int], batches: list[np.ndarray], start_batch: int,
                  lookahead: int):
         self.table = table
-        starts = np.concatenate([[0], np.cumsum(table.shard_sizes)]).astype(np.int64)
+        starts = table.shard_starts
         # Stream position of each sample id on this rank, in the order the shards are read.
-        stream = [np.arange(starts[s], starts[s + 1]) for s in shard_order]
-        self.stream = np.concatenate(stream) if stream else np.zeros(0, np.int64)
+        parts = [np.arange(starts[s], starts[s + 1]) for s in shard_order]
+        stream = np.concatenate(parts) if parts else np.zeros(0, np.int64)
         where = np.full(len(table), -1, np.int64)
-        where[self.stream] = np.arange(len(self.stream))
-        needed = [b for b in batches[start_batch:]]
+        where[stream] = np.arange(len(stream))
+        needed = batches[start_batch:]
         self.needed = set(int(i) for b in needed for i in b)
         # How far the stream must be read before batch k (relative to start) can be dispatched.
         reach = [int(where[b].max()) + 1 if len(b) else 0 for b in needed]

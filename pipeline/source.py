@@ -47,6 +47,11 @@ class SampleTable:
     def __len__(self) -> int:
         return len(self.shard)
 
+    @property
+    def shard_starts(self) -> np.ndarray:
+        """(shards + 1,) first sample id of each shard, then the total."""
+        return np.concatenate([[0], np.cumsum(self.shard_sizes)]).astype(np.int64)
+
     def key(self, sample_id: int) -> str:
         s = int(self.shard[sample_id])
         first = int(np.searchsorted(self.shard, s))
@@ -144,7 +149,7 @@ def _build(urls: list[str], indexes: list[list[tuple[str, dict]]], remote: bool,
 
 def _read_local_labels(table: SampleTable) -> None:
     """Labels from the .cls members, read once through mmap (a few bytes per sample)."""
-    starts = np.concatenate([[0], np.cumsum(table.shard_sizes)]).astype(np.int64)
+    starts = table.shard_starts
     for s, url in enumerate(table.urls):
         rows = range(starts[s], starts[s + 1])
         if not len(rows):
