@@ -265,14 +265,8 @@ class ShardLoader(PlannedLoader):
                 images, labels, event = self.device_stage(self._images[slot, :n], self._labels[slot, :n])
                 self._slot_events[slot] = event
                 free.append(slot)
-                s = self.stats
-                s.wait_s += t1 - t0
-                s.copy_s += time.perf_counter() - t1
-                s.decode_s += st["decode_s"]
-                s.read_s += st["read_s"]
-                s.samples += n
-                s.batches += 1
-                s.record_corrupt(st["corrupt"])
+                self.stats.copy_s += time.perf_counter() - t1
+                self.stats.add_batch(n, t1 - t0, st["read_s"], st["decode_s"], st["corrupt"])
                 self._position += 1
                 yield images, labels
         finally:

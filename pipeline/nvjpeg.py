@@ -164,14 +164,9 @@ class NvjpegLoader(PlannedLoader):
                     y.record_stream(current)
                 else:
                     x, y, corrupt, held = self._assemble(epoch, hb)
-                s = self.stats
-                s.wait_s += t1 - t0
-                s.read_s += hb.read_s
-                s.decode_s += time.perf_counter() - t1  # host time to enqueue (and, on CPU, run) it
-                s.samples += len(hb.ids)
-                s.batches += 1
-                s.device_bytes = max(s.device_bytes, held)
-                s.record_corrupt(corrupt)
+                # decode_s: host time to enqueue the device work (and, on the CPU, to run it).
+                self.stats.add_batch(len(hb.ids), t1 - t0, hb.read_s, time.perf_counter() - t1, corrupt)
+                self.stats.device_bytes = max(self.stats.device_bytes, held)
                 self._position += 1
                 yield x, y
         finally:

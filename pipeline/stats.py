@@ -19,6 +19,16 @@ class LoaderStats:
     copy_s: float = 0.0      # host-to-device copy and normalization, as seen by the host
     device_bytes: int = 0    # device memory the loader holds for its own buffers
 
+    def add_batch(self, n: int, wait_s: float, read_s: float, decode_s: float,
+                  corrupt: list[tuple[int, str, str]]) -> None:
+        """Count one delivered batch of `n` samples and its timings."""
+        self.samples += n
+        self.batches += 1
+        self.wait_s += wait_s
+        self.read_s += read_s
+        self.decode_s += decode_s
+        self.record_corrupt(corrupt)
+
     def record_corrupt(self, corrupt: list[tuple[int, str, str]]) -> None:
         for _, key, reason in corrupt:
             self.corrupt += 1
