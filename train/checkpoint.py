@@ -8,6 +8,7 @@ checkpoint holds only tensors and plain containers, so a crafted file cannot run
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -21,6 +22,14 @@ def save_atomic(obj: dict, path: str | os.PathLike) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy a written checkpoint (model_best from checkpoint, as the seed does) atomically."""
+    dst = Path(dst)
+    tmp = dst.with_name(f".{dst.name}.partial")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
 
 
 def load(path: str | os.PathLike, map_location="cpu") -> dict:

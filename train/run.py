@@ -23,7 +23,7 @@ import torch.distributed as dist
 from convert.manifest import ManifestError
 from pipeline.source import ShardError
 
-from .checkpoint import load, save_atomic, strip_module_prefix
+from .checkpoint import copy_atomic, load, save_atomic, strip_module_prefix
 from .config import TrainConfig, UsageError, parse_args
 from .devices import Device, DeviceError, resolve_device
 from .metrics import AverageMeter, MetricsWriter, progress_line, setup_logging, topk_correct
@@ -279,13 +279,13 @@ def train(cfg: TrainConfig, spawn_index: int | None = None) -> dict:
         is_best = acc1 > best_acc1
         best_acc1 = max(acc1, best_acc1)
         if info.main:
-            done = not stop
-            state = {**train_loader.state_dict(), "epoch": epoch + 1 if done else epoch, "batch": 0 if done else i}
+            # A finished epoch resumes at the next one; a --max-steps stop resumes mid-epoch.
+            resume_epoch, resume_batch = (epoch, i) if stop else (epoch + 1, 0)
+            state = {**train_loader.state_dict(), "epoch": resume_epoch, "batch": resume_batch}
             save_checkpoint(out / "checkpoint.pth.tar", cfg, bare, optimizer, precision, state,
-                            epoch + 1 if done else epoch, step, best_acc1, device)
-            if is_best:
-                save_checkpoint(out / "model_best.pth.tar", cfg, bare, optimizer, precision, state,
-                                epoch + 1 if done else epoch, step, best_acc1, device)
+                            resume_epoch, step, best_acc1, device)
+            if is_best:  # the same bytes: copy them rather than serialize the model twice
+                copy_atomic(out / "checkpoint.pth.tar", out / "model_best.pth.tar")
         if stop:
             break
     metrics.close()
