@@ -180,7 +180,7 @@ def generate(out: str | os.PathLike, cfg: SyntheticConfig, workers: int | None =
     marker = out / COMPLETE_MARKER
     if marker.exists():
         try:
-            if json.loads(marker.read_text()) == {**asdict(cfg), "generator": GENERATOR_VERSION}:
+            if json.loads(marker.read_text()) == _marker(cfg):
                 return out
         except (OSError, ValueError):
             pass  # an unreadable marker means "not finished": regenerate
@@ -204,9 +204,14 @@ def generate(out: str | os.PathLike, cfg: SyntheticConfig, workers: int | None =
                 bar.update(1)
     bar.close()
     tmp = marker.with_suffix(".tmp")
-    tmp.write_text(json.dumps({**asdict(cfg), "generator": GENERATOR_VERSION}))
+    tmp.write_text(json.dumps(_marker(cfg)))
     os.replace(tmp, marker)
     return out
+
+
+def _marker(cfg: SyntheticConfig) -> dict:
+    """What a finished dataset records, and what a cached one must match."""
+    return {**asdict(cfg), "generator": GENERATOR_VERSION}
 
 
 def _progress_bar(total: int, enabled: bool):

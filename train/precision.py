@@ -37,6 +37,7 @@ class Precision:
         self.found_inf = torch.zeros(())
         self.model_params: list[torch.Tensor] = []
         self.master_params: list[torch.Tensor] = []
+        self.half_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (half weight, its fp32 master)
 
     @property
     def input_dtype(self) -> torch.dtype:
@@ -70,6 +71,7 @@ class Precision:
                 self.master_params.append(master)
                 skip = no_bn_wd and (isinstance(m, _BN) or p.ndim <= 1)
                 (no_decay if skip else decay).append(master)
+        self.half_pairs = [(p, m) for p, m in zip(self.model_params, self.master_params) if p is not m]
         groups = [{"params": decay, "weight_decay": weight_decay}]
         if no_decay:
             groups.append({"params": no_decay, "weight_decay": 0.0})
@@ -85,7 +87,7 @@ class Precision:
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         """Copy half grads to the fp32 masters, unscale, step (skipping on overflow), copy back."""
-        pairs = [(p, m) for p, m in zip(self.model_params, self.master_params) if p is not m]
+        pairs = self.half_pairs
         for p, m in pairs:
             m.grad = None if p.grad is None else p.grad.float()
         if self.scaling:
@@ -115,17 +117,14 @@ class Precision:
 
     def state_dict(self) -> dict:
         return {"opt_level": self.opt_level, "scale": self.scale.cpu(), "growth_tracker": self.growth_tracker.cpu(),
-                "master": [m.detach().cpu() for p, m in zip(self.model_params, self.master_params) if p is not m]}
+                "master": [m.detach().cpu() for _, m in self.half_pairs]}
 
     def load_state_dict(self, sd: dict) -> None:
         self.scale.copy_(sd["scale"])
         self.growth_tracker.copy_(sd["growth_tracker"])
-        masters = [m for p, m in zip(self.model_params, self.master_params) if p is not m]
-        if len(masters) != len(sd["master"]):
+        if len(self.half_pairs) != len(sd["master"]):
             raise ValueError("checkpoint was written with another --opt-level (master weights differ)")
         with torch.no_grad():
-            for m, saved in zip(masters, sd["master"]):
+            for (p, m), saved in zip(self.half_pairs, sd["master"]):
                 m.copy_(saved)
-            for p, m in zip(self.model_params, self.master_params):
-                if p is not m:
-                    p.copy_(m)
+                p.copy_(m)
