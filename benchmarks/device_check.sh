@@ -1,47 +1,78 @@
 #!/usr/bin/env bash
-# The one-call GPU check (about 8 minutes on one H100/H200). Prepared entirely on the CPU; run
-# on a lent GPU machine from the repository root:
+# The one-call GPU check, about 8 minutes on one H100/H200. Run it from the repository root on a
+# lent GPU machine:
 #     bash benchmarks/device_check.sh
-# Wheels the GPU image lacks (webdataset, braceexpand) are carried in .whl/ (pip download
-# --no-deps -d .whl webdataset braceexpand). Results: a short table last, JSON and logs in $OUT.
+# Rehearse it on a CPU (tiny sizes, same steps, same outputs) before spending GPU time:
+#     DRY=1 bash benchmarks/device_check.sh
+#
+# Wheels the GPU image lacks (webdataset, braceexpand) are carried in .whl/:
+#     pip download --no-deps -d .whl webdataset braceexpand
+# Logs and run folders go to $WORK. $OUT receives three files: summary.txt (the table, also
+# printed last), device_check.json (every figure, with the machine) and logs.tar.gz.
+# Each step is cut to the time left of $BUDGET seconds, so the check ends inside one call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+ROOT=$PWD
 OUT=${OUT:-benchmarks/out/device}
-mkdir -p "$OUT"
-export PYTHONPATH=$PWD BENCH_OUT=$OUT BENCH_CACHE=${BENCH_CACHE:-/tmp/resnet-shards-bench}
+WORK=${WORK:-/tmp/resnet-shards-device}
+BUDGET=${BUDGET:-540}
 PY=${PY:-python3}
+DEVICE=${DEVICE:-cuda}
 WORKERS=${WORKERS:-$(nproc)}
-step() { echo "== $* ($(date +%T))"; }
+ARCH=${ARCH:-resnet152} BATCH=${BATCH:-256} IMAGE=${IMAGE:-224}
+CLASSES=${CLASSES:-100} PER_CLASS=${PER_CLASS:-60} STEPS=${STEPS:-20} E2E_EPOCHS=${E2E_EPOCHS:-3}
+COMPILE=${COMPILE:-both}
+if [ "${DRY:-0}" = 1 ]; then  # a CPU rehearsal: every step and output, at sizes a laptop runs in minutes
+    DEVICE=cpu ARCH=resnet18 BATCH=16 IMAGE=64 CLASSES=4 PER_CLASS=24 STEPS=2 E2E_EPOCHS=2 COMPILE=off
+    WORK=${WORK}-dry
+fi
+rm -rf "$WORK" && mkdir -p "$WORK" "$OUT"
+export BENCH_OUT=$WORK BENCH_CACHE=$WORK/cache PYTHONUNBUFFERED=1
+END=$(( $(date +%s) + BUDGET ))
+step() { echo "== $* ($(date +%T), $(( END - $(date +%s) )) s left)"; }
+# limit SECONDS: the step's own cap, or what is left of the budget if that is less.
+limit() { local left=$(( END - $(date +%s) - 15 )); [ "$left" -lt "$1" ] && echo $(( left > 1 ? left : 1 )) || echo "$1"; }
 
 step setup
-if [ -d .whl ]; then $PY -m pip install -q --no-index --find-links .whl webdataset braceexpand > "$OUT/pip.log" 2>&1 || true; fi
-$PY setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || echo "note: kernels._jpeg not built here (Pillow fallback); see $OUT/build.log"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-$PY -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)" | tee -a "$OUT/gpu.txt"
+if [ -d .whl ] && ! $PY -c "import webdataset" 2>/dev/null; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$WORK/site" .whl/*.whl \
+        > "$WORK/pip.log" 2>&1 || echo "note: wheels in .whl did not install; see pip.log"
+fi
+export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}:$WORK/site
+$PY setup.py -q build_ext --inplace > "$WORK/build.log" 2>&1 || echo "note: kernels._jpeg not built (Pillow fallback); see build.log"
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+  $PY -c "import platform, torch, torchvision; print('python', platform.python_version(), 'torch', torch.__version__, 'torchvision', torchvision.__version__)"
+  echo "device $DEVICE, $WORKERS workers, commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+} | tee "$WORK/machine.txt"
 
 step "GPU tests"
-timeout 300 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_kernels.py > "$OUT/tests.log" 2>&1
-tail -3 "$OUT/tests.log"
+timeout "$(limit 150)" $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_kernels.py > "$WORK/tests.log" 2>&1
+tail -1 "$WORK/tests.log"
 
-step "dataset: 6,000 ImageNet-like JPEGs, converted"
-timeout 240 $PY -m benchmarks.loader --device cuda --classes 100 --per-class 60 --batch-size 256 \
-    --workers "$WORKERS" --backends nvjpeg cpu --repeats 3 > "$OUT/loader.log" 2>&1
-tail -5 "$OUT/loader.log"
+step "loader alone, $(( CLASSES * PER_CLASS )) ImageNet-like JPEGs, per backend"
+timeout "$(limit 150)" $PY -m benchmarks.loader --per-backend --device "$DEVICE" --classes "$CLASSES" \
+    --per-class "$PER_CLASS" --batch-size "$BATCH" --image-size "$IMAGE" --workers "$WORKERS" \
+    --backends nvjpeg cpu --repeats 3 > "$WORK/loader.log" 2>&1
+tail -4 "$WORK/loader.log"
 
-step "ResNet-152 train step, synthetic data"
-timeout 420 $PY -m benchmarks.train_step --device cuda --arch resnet152 --batch-size 256 --image-size 224 \
-    --levels O2:bf16 O1:bf16 --optimizers fused --channels-last on --compile both --steps 20 \
-    > "$OUT/train_step.log" 2>&1
-tail -6 "$OUT/train_step.log"
+step "$ARCH train step, synthetic data"
+timeout "$(limit 200)" $PY -m benchmarks.train_step --device "$DEVICE" --arch "$ARCH" --batch-size "$BATCH" \
+    --image-size "$IMAGE" --levels O2:bf16 O1:bf16 --optimizers fused --channels-last on --compile "$COMPILE" \
+    --steps "$STEPS" > "$WORK/train_step.log" 2>&1
+tail -5 "$WORK/train_step.log"
 
-SHARDS=$(ls -d "$BENCH_CACHE"/imagenet_like_100x60_500_shards_full 2>/dev/null)
+SHARDS=$WORK/cache/imagenet_like_${CLASSES}x${PER_CLASS}_500_shards_full
 for backend in synthetic nvjpeg cpu; do
-    step "end to end, ResNet-152 O2 bf16, backend $backend"
-    timeout 300 $PY -m train.run --shards "$SHARDS" --device cuda --amp --opt-level O2 --amp-dtype bf16 -b 256 \
-        -j "$WORKERS" --epochs 1 --max-steps 60 --print-freq 20 --eval-every 0 --backend "$backend" \
-        --output "$OUT/e2e_$backend" > "$OUT/e2e_$backend.log" 2>&1
-    grep -a "FPS@all" "$OUT/e2e_$backend.log" | tail -1
+    step "end to end, $ARCH O2 bf16, backend $backend"
+    timeout "$(limit 90)" $PY -m train.run --shards "$SHARDS" --arch "$ARCH" --device "$DEVICE" --amp \
+        --opt-level O2 --amp-dtype bf16 -b "$BATCH" --image-size "$IMAGE" -j "$WORKERS" --epochs "$E2E_EPOCHS" \
+        --print-freq 10 --backend "$backend" --output "$WORK/e2e_$backend" > "$WORK/e2e_$backend.log" 2>&1
+    grep -a "FPS@all" "$WORK/e2e_$backend.log" | tail -1 || tail -2 "$WORK/e2e_$backend.log"
 done
 
 step summary
-$PY -m benchmarks.device_summary "$OUT" | tee "$OUT/summary.txt"
+$PY -m benchmarks.device_summary "$WORK" --json "$OUT/device_check.json" --check | tee "$OUT/summary.txt"
+status=$?  # non-zero when a test or a measurement failed
+tar -czf "$OUT/logs.tar.gz" -C "$WORK" --exclude='*.pth.tar' --exclude=cache --exclude=site . 2>/dev/null
+echo "wrote $OUT/summary.txt, $OUT/device_check.json, $OUT/logs.tar.gz"
+exit $status

@@ -1,41 +1,81 @@
-"""The short table at the end of device_check.sh: `python -m benchmarks.device_summary OUT`."""
+"""The short table at the end of device_check.sh, and one JSON with every figure behind it:
+
+    python -m benchmarks.device_summary WORK [--json PATH]
+
+WORK is the check's folder: machine.txt, tests.log, loader_*.json, train_step_*.json and the
+end-to-end logs e2e_<backend>.log. A step that failed or ran out of time shows as "failed".
+"""
 from __future__ import annotations
 
+import argparse
 import json
 import re
-import sys
 from pathlib import Path
 
-PEAK_NOTE = "MFU against 790 TFLOP/s dense bf16, 69 GFLOP per ResNet-152 training image"
+PEAK_NOTE = "MFU against 790 TFLOP/s dense bf16 (H100/H200 SXM); train step = 3 x forward FLOPs"
 
 
-def main(argv: list[str] | None = None) -> int:
-    out = Path((argv or sys.argv[1:])[0])
-    rows = []
-    loader = out / "loader_cuda.json"
-    if loader.exists():
-        for r in json.loads(loader.read_text())["rows"]:
-            rows.append(("loader alone", r["name"], r.get("img_s"), ""))
-    step = out / "train_step_cuda.json"
-    if step.exists():
-        for r in json.loads(step.read_text())["rows"]:
-            name = f"{r['arch']} b{r['batch']} {r['precision']} compile={r['compile']}"
-            rows.append(("train step (synthetic)", name, r.get("img_s"),
-                         f"MFU {r['mfu']:.1%}" if r.get("mfu") else (r.get("error") or "")))
-    fps = {}
-    for log in sorted(out.glob("e2e_*.log")):
-        found = re.findall(r"FPS@all ([0-9.]+)", log.read_text(errors="replace"))
-        fps[log.stem[4:]] = float(found[-1]) if found else None
+def collect(work: Path) -> dict:
+    """Everything the check measured, read back from its outputs."""
+    machine = work / "machine.txt"
+    tests = work / "tests.log"
+    summary = re.findall(r"^=*\s*(\d+ (?:passed|failed).*?)\s*=*$", tests.read_text(errors="replace"), re.M) \
+        if tests.exists() else []
+    found = {"machine": machine.read_text().strip() if machine.exists() else "",
+             "tests": summary[-1] if summary else "failed or not run", "rows": []}
+    rows = found["rows"]
+    for path in sorted(work.glob("loader_*.json")):
+        for r in json.loads(path.read_text())["rows"]:
+            rows.append({"what": "loader alone", "config": r["name"], "img_s": r.get("img_s"),
+                         "note": r.get("note", ""), "loader_gpu_bytes": r.get("loader_gpu_bytes")})
+    for path in sorted(work.glob("train_step_*.json")):
+        for r in json.loads(path.read_text())["rows"]:
+            rows.append({"what": "train step (synthetic)",
+                         "config": f"{r['arch']} b{r['batch']} {r['image']}px {r['precision']} compile={r['compile']}",
+                         "img_s": r.get("img_s"), "mfu": r.get("mfu"),
+                         "note": f"MFU {r['mfu']:.1%}" if r.get("mfu") else (r.get("error") or "")})
+    fps, archs = {}, []
+    for log in sorted(work.glob("e2e_*.log")):
+        text = log.read_text(errors="replace")
+        values = re.findall(r"FPS@all ([0-9.]+)", text)
+        fps[log.stem[4:]] = float(values[-1]) if values else None
+        archs += re.findall(r"=> (\w+) on ", text)[:1]
+    what = f"end to end, {archs[0] if archs else 'model'} O2 bf16"
     base = fps.get("synthetic")
     for backend, v in fps.items():
         note = f"{v / base:.1%} of synthetic" if v and base and backend != "synthetic" else ""
-        rows.append(("end to end, ResNet-152 O2 bf16", backend, v, note))
-    w = max(len(r[1]) for r in rows) if rows else 10
-    print(f"{'what':32} {'config':{w}} {'img/s':>10}  note")
-    for what, name, v, note in rows:
-        print(f"{what:32} {name:{w}} {('%.1f' % v) if v else 'failed':>10}  {note}")
-    print(PEAK_NOTE)
-    return 0
+        rows.append({"what": what, "config": backend, "img_s": v, "vs_synthetic": v / base if v and base else None,
+                     "note": note})
+    return found
+
+
+def render(found: dict) -> str:
+    rows = found["rows"]
+    lines = [found["machine"], f"tests: {found['tests']}"]
+    w1 = max([len(r["what"]) for r in rows] + [4])
+    w2 = max([len(r["config"]) for r in rows] + [6])
+    lines.append(f"{'what':{w1}}  {'config':{w2}}  {'img/s':>9}  note")
+    for r in rows:
+        v = f"{r['img_s']:.1f}" if r["img_s"] else "failed"
+        lines.append(f"{r['what']:{w1}}  {r['config']:{w2}}  {v:>9}  {r['note']}")
+    lines.append(PEAK_NOTE)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.device_summary", description=__doc__.split("\n")[0])
+    p.add_argument("work", type=Path)
+    p.add_argument("--json", type=Path, default=None, help="also write every figure here")
+    p.add_argument("--check", action="store_true", help="exit 1 when a test or a measurement failed")
+    a = p.parse_args(argv)
+    found = collect(a.work)
+    print(render(found))
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(found, indent=1))
+    failed = " failed" in found["tests"] or not found["tests"][0].isdigit() or not found["rows"] \
+        or any(not r["img_s"] for r in found["rows"])
+    return 1 if a.check and failed else 0
 
 
 if __name__ == "__main__":

@@ -95,10 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-reference", action="store_true", help="only our loaders")
     p.add_argument("--chart", default=None, help="PNG path (default: next to the JSON)")
     p.add_argument("--device", default="cpu", help="cuda: measure batches delivered to the GPU, per backend")
-    p.add_argument("--backends", nargs="+", default=["cpu", "nvjpeg"], help="with --device cuda")
+    p.add_argument("--backends", nargs="+", default=["cpu", "nvjpeg"], help="with --device cuda or --per-backend")
+    p.add_argument("--per-backend", action="store_true",
+                   help="the device check's table (each --backends on --device) even on a CPU, to rehearse it")
     p.add_argument("--image-size", type=int, default=224)
     a = p.parse_args(argv)
-    if a.device != "cpu":
+    if a.device != "cpu" or a.per_backend:
         return device_benchmark(a, argv)
 
     from convert.imagenet_to_shards import convert
@@ -174,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def device_benchmark(a, argv) -> int:
     """Loader alone on a GPU machine: normalized bf16 batches on the device, per backend."""
+    sync = torch.cuda.synchronize if torch.device(a.device).type == "cuda" else (lambda: None)
     from convert.imagenet_to_shards import convert
     from pipeline import Loader
 
@@ -195,7 +198,7 @@ def device_benchmark(a, argv) -> int:
                 n = 0
                 for _, y in ld:
                     n += len(y)
-                torch.cuda.synchronize()
+                sync()
                 return n
             r = timed(epoch, repeats=a.repeats, warmup=1)
             rows.append({"name": f"{backend}, {w} workers", "backend": backend, "workers": w, "img_s": r["median"],

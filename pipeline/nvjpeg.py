@@ -4,8 +4,9 @@ decode and one batched crop-resize-normalize kernel (kernels/batch_resize.py).
 Host threads only read each batch's JPEG bytes (mmap slices, or the remote stream) into a
 pinned buffer, read the headers, and draw each sample's crop and flip from the same
 counter-based RNG as the CPU backend, so the augmentation distribution is the same. The device
-work runs on one side stream created with the loader; the consumer's stream waits on it, and
-the outputs are marked with `record_stream`.
+work runs in a thread of its own (torchvision's decode blocks its caller until the batch is
+decoded) on one side stream created with the loader; the consumer's stream waits on an event
+recorded after each batch, and the outputs are marked with `record_stream`.
 
 torchvision fails a whole batch when one JPEG is corrupt; the batch is then decoded image by
 image to find the bad ones, each is replaced deterministically by another sample of its batch
@@ -16,6 +17,8 @@ reference implementation; that is how it is tested without a GPU.
 """
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -46,6 +49,8 @@ class NvjpegLoader(PlannedLoader):
     def __init__(self, table: SampleTable, cfg: LoaderConfig):
         super().__init__(table, cfg)
         self.device = torch.device(cfg.device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())  # the feeder thread sets it
         self.reader = BatchDecoder(table, DecodeConfig(cfg.image_size, cfg.train, cfg.seed, val_resize=cfg.val_resize))
         self.scale, self.shift = affine_constants(cfg.mean, cfg.std, self.device)
         if not cfg.normalize:  # identity affine on 0..255, then cast back to uint8 below
@@ -137,8 +142,49 @@ class NvjpegLoader(PlannedLoader):
         reader = None
         if self.table.remote:
             reader = RemoteReader(self.table, shard_order, batches, start, lookahead=self.cfg.prefetch + 1)
+        ready: queue.Queue = queue.Queue(maxsize=max(1, self.cfg.prefetch))
+        stop = threading.Event()
+        feeder = threading.Thread(target=self._feed, args=(epoch, batches, start, reader, ready, stop),
+                                  name="nvjpeg-device", daemon=True)
+        feeder.start()
+        try:
+            while self._position < len(batches):
+                t0 = time.perf_counter()
+                item = ready.get()
+                wait_s = time.perf_counter() - t0
+                if isinstance(item, Exception):
+                    raise item
+                x, y, corrupt, held, event, read_s, device_s = item
+                if event is not None:
+                    # The batch was made on the loader's stream; the model reads it on this one.
+                    current = torch.cuda.current_stream(self.device)
+                    current.wait_event(event)
+                    x.record_stream(current)
+                    y.record_stream(current)
+                self.stats.add_batch(len(y), wait_s, read_s, device_s, corrupt)
+                # Held at most: one batch's decoded images, and its output plus those queued.
+                out_bytes = x.numel() * x.element_size()
+                self.stats.device_bytes = max(self.stats.device_bytes,
+                                              held + ready.maxsize * out_bytes)
+                self._position += 1
+                yield x, y
+        finally:
+            stop.set()
+            feeder.join()
+            if reader is not None:
+                reader.stop()
+
+    def _feed(self, epoch: int, batches: list, start: int, reader, ready: queue.Queue, stop: threading.Event):
+        """The device thread: host batches in order -> decoded, augmented device batches on `ready`.
+
+        torchvision's nvJPEG decode blocks its caller until the batch is decoded, so it runs here
+        rather than in the training loop: the loop keeps queueing kernels meanwhile. At most
+        `prefetch` finished batches wait on `ready`, which bounds the device memory held.
+        """
+        if self.stream is not None:
+            torch.cuda.set_device(self.device)  # a new thread starts on device 0
         depth = max(1, self.cfg.prefetch)
-        futures = {}
+        futures: dict = {}
         nxt = start
 
         def submit():
@@ -147,30 +193,35 @@ class NvjpegLoader(PlannedLoader):
                 raw = reader.take(batches[nxt]) if reader is not None else None
                 futures[nxt] = self._pool.submit(self._read, batches[nxt], raw)
                 nxt += 1
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=0.05)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
         try:
-            while self._position < len(batches):
+            for b in range(start, len(batches)):
                 submit()
-                t0 = time.perf_counter()
-                hb = futures.pop(self._position).result()
+                hb = futures.pop(b).result()
                 submit()  # keep the readers busy while the device works on this batch
-                t1 = time.perf_counter()
+                t0 = time.perf_counter()
+                event = None
                 if self.stream is not None:
-                    current = torch.cuda.current_stream(self.device)
-                    self.stream.wait_stream(current)
                     with torch.cuda.stream(self.stream):
                         x, y, corrupt, held = self._assemble(epoch, hb)
-                    current.wait_stream(self.stream)
-                    x.record_stream(current)
-                    y.record_stream(current)
+                        event = torch.cuda.Event()
+                        event.record(self.stream)
                 else:
                     x, y, corrupt, held = self._assemble(epoch, hb)
-                # decode_s: host time to enqueue the device work (and, on the CPU, to run it).
-                self.stats.add_batch(len(hb.ids), t1 - t0, hb.read_s, time.perf_counter() - t1, corrupt)
-                self.stats.device_bytes = max(self.stats.device_bytes, held)
-                self._position += 1
-                yield x, y
+                # device_s: host time to run the decode and enqueue the kernel (on the CPU: all of it).
+                if not put((x, y, corrupt, held, event, hb.read_s, time.perf_counter() - t0)):
+                    return
+        except Exception as e:  # noqa: BLE001 - handed to the consumer, which raises it in its own thread
+            put(e)
         finally:
-            if reader is not None:
-                reader.stop()
             for f in futures.values():
                 f.cancel()

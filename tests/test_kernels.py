@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import pytest
@@ -126,12 +127,19 @@ def test_device_summary_reads_the_check_outputs(tmp_path, capsys):
 
     from benchmarks.device_summary import main
 
+    (tmp_path / "machine.txt").write_text("NVIDIA H100 80GB HBM3, 580.1, 81559 MiB\n")
+    (tmp_path / "tests.log").write_text("....\n9 passed in 12.0s\n")
     (tmp_path / "loader_cuda.json").write_text(json.dumps({"rows": [{"name": "nvjpeg, 16 workers", "img_s": 9000.0}]}))
     (tmp_path / "train_step_cuda.json").write_text(json.dumps({"rows": [
-        {"arch": "resnet152", "batch": 256, "precision": "O2:bf16", "compile": False, "img_s": 2500.0, "mfu": 0.22}]}))
-    (tmp_path / "e2e_synthetic.log").write_text("x * FPS@all 2500.000\n")
-    (tmp_path / "e2e_nvjpeg.log").write_text("x * FPS@all 2450.000\n")
+        {"arch": "resnet152", "batch": 256, "image": 224, "precision": "O2:bf16", "compile": False, "img_s": 2500.0,
+         "mfu": 0.22}]}))
+    (tmp_path / "e2e_synthetic.log").write_text("=> resnet152 on cuda\nx * FPS@all 2500.000\n")
+    (tmp_path / "e2e_nvjpeg.log").write_text("=> resnet152 on cuda\nx * FPS@all 2450.000\n")
     (tmp_path / "e2e_cpu.log").write_text("Traceback: boom\n")
-    assert main([str(tmp_path)]) == 0
+    assert main([str(tmp_path), "--json", str(tmp_path / "all.json")]) == 0
     out = capsys.readouterr().out
-    assert "9000.0" in out and "MFU 22.0%" in out and "98.0% of synthetic" in out and "failed" in out
+    assert "H100" in out and "tests: 9 passed" in out
+    assert "9000.0" in out and "MFU 22.0%" in out and "98.0% of synthetic" in out
+    assert re.search(r"end to end, resnet152 O2 bf16\s+cpu\s+failed", out)
+    rows = json.loads((tmp_path / "all.json").read_text())["rows"]
+    assert [r["img_s"] for r in rows] == [9000.0, 2500.0, None, 2450.0, 2500.0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -91,3 +92,31 @@ def test_nvjpeg_backend_isolates_corrupt_samples(corrupt_shards):
     cpu = collect(Loader(path, backend="cpu", workers=1, **kw))
     for (x1, y1), (x2, y2) in zip(a, cpu):  # the same stand-ins as the CPU backend
         assert torch.equal(y1, y2) and (x1.int() - x2.int()).abs().float().mean() < 1.0
+
+
+def test_nvjpeg_device_thread_errors_reach_the_consumer_and_threads_end(colour_shards, monkeypatch):
+    from pipeline.nvjpeg import NvjpegLoader
+
+    kw = dict(batch_size=8, image_size=32, device="cpu", workers=2, seed=4)
+    loader = Loader(colour_shards, backend="nvjpeg", **kw)
+    for i, _ in enumerate(loader):
+        if i == 1:
+            break  # abandoned mid-epoch: the device thread must stop, not block on its queue
+    assert not any(t.name == "nvjpeg-device" for t in threading.enumerate())
+
+    real, calls = NvjpegLoader._assemble, []
+
+    def failing(self, epoch, hb):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("device fault in batch 3")
+        return real(self, epoch, hb)
+
+    monkeypatch.setattr(NvjpegLoader, "_assemble", failing)
+    got = []
+    with pytest.raises(RuntimeError, match="device fault in batch 3"):
+        for x, _ in loader:
+            got.append(x)
+    assert len(got) == 2  # the batches before the fault were delivered in order
+    loader.close()
+    assert not any(t.name == "nvjpeg-device" for t in threading.enumerate())

@@ -1,10 +1,12 @@
 """The seed-compatible launch scripts (test/*.sh) on tiny data with the CPU."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -58,3 +60,22 @@ def test_full_8p_and_eval_8p_scripts_with_two_processes(colour_shards, clean_out
 def test_script_without_data_path_fails_clearly():
     r = run_script("train_full_1p.sh")
     assert r.returncode == 2 and "--data_path" in r.stderr
+
+
+def test_device_check_rehearses_on_cpu(tmp_path):
+    """benchmarks/device_check.sh with DRY=1: every step of the GPU check at tiny sizes on the CPU,
+    so the script a GPU task runs once has run here, whole, in CI."""
+    out = tmp_path / "out"
+    env = dict(os.environ, DRY="1", OUT=str(out), WORK=str(tmp_path / "work"), WORKERS="2", PY=sys.executable)
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "device_check.sh")], capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    # Only a few files come back from a lent machine: the check leaves exactly these three.
+    assert sorted(p.name for p in out.iterdir()) == ["device_check.json", "logs.tar.gz", "summary.txt"]
+    found = json.loads((out / "device_check.json").read_text())
+    assert re.match(r"\d+ passed", found["tests"]) and "failed" not in found["tests"]
+    configs = {(row["what"].split(",")[0], row["config"].split(",")[0]) for row in found["rows"]}
+    assert {("loader alone", "nvjpeg"), ("loader alone", "cpu"), ("end to end", "synthetic"),
+            ("end to end", "nvjpeg"), ("end to end", "cpu")} <= configs
+    assert sum(row["what"].startswith("train step") for row in found["rows"]) == 2
+    assert all(row["img_s"] > 0 for row in found["rows"])
