@@ -10,9 +10,15 @@ from setuptools.command.build_ext import build_ext
 
 
 def jpeg_extension() -> Extension:
-    """ROI JPEG decode against the system's libjpeg-turbo (Debian: libjpeg62-turbo-dev)."""
+    """ROI JPEG decode against the system's libjpeg-turbo (Debian: libjpeg62-turbo-dev).
+
+    From Python 3.11 on it is built for the stable ABI (the buffer protocol joined it in 3.11):
+    one `_jpeg.abi3.so` then imports on every later Python, a GPU machine's 3.12 included.
+    """
+    abi3 = sys.version_info >= (3, 11)
     return Extension("kernels._jpeg", sources=["kernels/_jpeg.c"], extra_compile_args=["-O3"],
-                     libraries=["jpeg"])
+                     libraries=["jpeg"], py_limited_api=abi3,
+                     define_macros=[("Py_LIMITED_API", "0x030B0000")] if abi3 else [])
 
 
 class OptionalBuildExt(build_ext):

@@ -5,8 +5,12 @@
 # Rehearse it on a CPU (tiny sizes, same steps, same outputs) before spending GPU time:
 #     DRY=1 bash benchmarks/device_check.sh
 #
-# Wheels the GPU image lacks (webdataset, braceexpand) are carried in .whl/:
+# What the GPU image lacks is carried in .whl/ (git ignores it): the webdataset and braceexpand
+# wheels, and the ROI JPEG decoder built here for the stable ABI with the libjpeg-turbo it links,
+# used when the image has no libjpeg headers to build it:
 #     pip download --no-deps -d .whl webdataset braceexpand
+#     python setup.py build_ext --inplace && mkdir -p .whl/jpeg
+#     cp kernels/_jpeg.abi3.so "$(ldconfig -p | awk '/libjpeg.so.62 /{print $NF; exit}')" .whl/jpeg/
 # Logs and run folders go to $WORK. $OUT receives three files: summary.txt (the table, also
 # printed last), device_check.json (every figure, with the machine) and logs.tar.gz.
 # Each step is cut to the time left of $BUDGET seconds, so the check ends inside one call.
@@ -39,7 +43,11 @@ if [ -d .whl ] && ! $PY -c "import webdataset" 2>/dev/null; then
         > "$WORK/pip.log" 2>&1 || echo "note: wheels in .whl did not install; see pip.log"
 fi
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}:$WORK/site
-$PY setup.py -q build_ext --inplace > "$WORK/build.log" 2>&1 || echo "note: kernels._jpeg not built (Pillow fallback); see build.log"
+$PY setup.py -q build_ext --inplace > "$WORK/build.log" 2>&1
+if ! $PY -c "import kernels._jpeg" 2>/dev/null && [ -f .whl/jpeg/_jpeg.abi3.so ]; then
+    cp .whl/jpeg/_jpeg.abi3.so kernels/ && export LD_LIBRARY_PATH=$ROOT/.whl/jpeg${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+fi
+$PY -c "import kernels._jpeg" 2>/dev/null || echo "note: kernels._jpeg unavailable (cpu backend uses Pillow); see build.log"
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
   $PY -c "import platform, torch, torchvision; print('python', platform.python_version(), 'torch', torch.__version__, 'torchvision', torchvision.__version__)"
   echo "device $DEVICE, $WORKERS workers, commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"

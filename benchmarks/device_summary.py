@@ -35,7 +35,8 @@ def collect(work: Path) -> dict:
                          "img_s": r.get("img_s"), "mfu": r.get("mfu"),
                          "note": f"MFU {r['mfu']:.1%}" if r.get("mfu") else (r.get("error") or "")})
     fps, archs = {}, []
-    for log in sorted(work.glob("e2e_*.log")):
+    # synthetic first: it is what the other backends are compared with
+    for log in sorted(work.glob("e2e_*.log"), key=lambda f: (f.stem != "e2e_synthetic", f.stem)):
         text = log.read_text(errors="replace")
         values = re.findall(r"FPS@all ([0-9.]+)", text)
         fps[log.stem[4:]] = float(values[-1]) if values else None
