@@ -2,8 +2,8 @@
 variable-size decoded images to the normalized NHWC (channels_last) batch the model reads.
 
 The decoded images of a batch (planar CHW uint8, as nvJPEG returns them) are packed into one
-flat buffer; a table gives each image's offset and size, its crop box (left, top, w, h, in
-source pixels) and its flip. Each program computes a block of output pixels of one image with
+flat buffer; a table gives each image's offset and size, its flip and its filter taps per axis,
+and a second its crop box (left, top, w, h, in source pixels). Each program computes a block of output pixels of one image with
 the same filter as Pillow's BILINEAR resize with a box (a triangle widened by the downscale
 factor, weights normalised per axis), so it matches the CPU backend, and writes
 (x / 255 - mean) / std straight in the output dtype. torchvision's v2 transforms draw one
@@ -13,8 +13,6 @@ random parameter set per batch, so they cannot do this per sample.
 the Triton kernel runs on CUDA, and under TRITON_INTERPRET=1 on the CPU for tests.
 """
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import torch
@@ -30,17 +28,19 @@ except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
 
 if triton is not None:
     @triton.jit
-    def _crop_resize_kernel(src_ptr, table_ptr, boxes_ptr, out_ptr, scale_ptr, shift_ptr, KX, KY,
+    def _crop_resize_kernel(src_ptr, table_ptr, boxes_ptr, out_ptr, scale_ptr, shift_ptr,
                             OH: tl.constexpr, OW: tl.constexpr, BLOCK: tl.constexpr):
         b = tl.program_id(0)
         idx = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         live = idx < OH * OW
         oy = idx // OW
         ox = idx % OW
-        base = tl.load(table_ptr + b * 4 + 0)
-        height = tl.load(table_ptr + b * 4 + 1)
-        width = tl.load(table_ptr + b * 4 + 2)
-        flip = tl.load(table_ptr + b * 4 + 3)
+        base = tl.load(table_ptr + b * 6 + 0)
+        height = tl.load(table_ptr + b * 6 + 1)
+        width = tl.load(table_ptr + b * 6 + 2)
+        flip = tl.load(table_ptr + b * 6 + 3)
+        KX = tl.load(table_ptr + b * 6 + 4)  # this image's taps: one large image does not slow the rest
+        KY = tl.load(table_ptr + b * 6 + 5)
         x0 = tl.load(boxes_ptr + b * 4 + 0)
         y0 = tl.load(boxes_ptr + b * 4 + 1)
         bw = tl.load(boxes_ptr + b * 4 + 2)
@@ -101,14 +101,23 @@ if triton is not None:
                  mask=m)
 
 
-def pack(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Planar (3, H, W) uint8 images -> (flat buffer, (B, 4) int64 table of offset, H, W, 0)."""
+def pack(images: list[torch.Tensor], boxes: np.ndarray, flips: np.ndarray, out_size: int
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Planar (3, H, W) uint8 images -> (flat buffer, (B, 6) int64 table of offset, height,
+    width, flip, taps x, taps y)."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     sizes = [int(t.numel()) for t in images]
-    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]) if sizes else np.zeros(0)
-    table = torch.tensor([[int(o), int(t.shape[1]), int(t.shape[2]), 0] for o, t in zip(offsets, images)],
-                         dtype=torch.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]) if sizes else np.zeros(0, np.int64)
+    # Pillow's filter support is the downscale factor: a window spans at most 2 x factor + 2 pixels.
+    taps = np.ceil(2 * np.maximum(boxes[:, 2:4] / out_size, 1.0)).astype(np.int64) + 2
+    table = np.zeros((len(images), 6), np.int64)
+    table[:, 0] = offsets
+    table[:, 1] = [t.shape[1] for t in images]
+    table[:, 2] = [t.shape[2] for t in images]
+    table[:, 3] = np.asarray(flips, dtype=np.int64)
+    table[:, 4:6] = taps
     flat = torch.cat([t.reshape(-1) for t in images]) if images else torch.zeros(0, dtype=torch.uint8)
-    return flat, table
+    return flat, torch.from_numpy(table)
 
 
 def _use_triton(device: torch.device) -> bool:
@@ -126,19 +135,15 @@ def batch_crop_resize(images: list[torch.Tensor], boxes: np.ndarray, flips: np.n
     device = images[0].device
     if not (force_kernel or _use_triton(device)):
         return batch_crop_resize_reference(images, boxes, flips, out_size, scale, shift, dtype)
-    flat, table = pack(images)
-    table[:, 3] = torch.from_numpy(np.asarray(flips, dtype=np.int64))
+    flat, table = pack(images, boxes, flips, out_size)
     table = table.to(device)
     boxes_t = torch.as_tensor(np.asarray(boxes, dtype=np.float32), device=device)
     b = len(images)
     out = torch.empty((b, out_size, out_size, 3), dtype=dtype, device=device)
-    # Enough taps for the largest downscale in the batch (Pillow's support is the factor).
-    factor = float(max(np.max(np.asarray(boxes)[:, 2:4]) / out_size, 1.0)) if b else 1.0
-    taps = int(math.ceil(2 * factor)) + 2
     block = 128
     grid = (b, triton.cdiv(out_size * out_size, block))
     _crop_resize_kernel[grid](flat, table, boxes_t, out, scale.reshape(3).float().contiguous(),
-                              shift.reshape(3).float().contiguous(), taps, taps, OH=out_size, OW=out_size, BLOCK=block)
+                              shift.reshape(3).float().contiguous(), OH=out_size, OW=out_size, BLOCK=block)
     return out.permute(0, 3, 1, 2)
 
 
