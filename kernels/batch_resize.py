@@ -3,9 +3,10 @@ variable-size decoded images to the normalized NHWC (channels_last) batch the mo
 
 The decoded images of a batch (planar CHW uint8, as nvJPEG returns them) are packed into one
 flat buffer; a table gives each image's offset and size, its flip and its filter taps per axis,
-and a second its crop box (left, top, w, h, in source pixels). Each program computes a block of output pixels of one image with
-the same filter as Pillow's BILINEAR resize with a box (a triangle widened by the downscale
-factor, weights normalised per axis), so it matches the CPU backend, and writes
+and a second its crop box (left, top, w, h, in source pixels). Each program computes a block
+of output pixels of one image with the same filter as Pillow's BILINEAR resize with a box (a
+triangle widened by the downscale factor, weights normalised per axis), so it matches the CPU
+backend, and writes
 (x / 255 - mean) / std straight in the output dtype. torchvision's v2 transforms draw one
 random parameter set per batch, so they cannot do this per sample.
 
