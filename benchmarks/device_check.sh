@@ -64,9 +64,9 @@ timeout "$(limit 150)" $PY -m benchmarks.loader --per-backend --device "$DEVICE"
 tail -4 "$WORK/loader.log"
 
 step "$ARCH train step, synthetic data"
-timeout "$(limit 200)" $PY -m benchmarks.train_step --device "$DEVICE" --arch "$ARCH" --batch-size "$BATCH" \
+timeout "$(limit 270)" $PY -m benchmarks.train_step --device "$DEVICE" --arch "$ARCH" --batch-size "$BATCH" \
     --image-size "$IMAGE" --levels O2:bf16 O1:bf16 --optimizers fused --channels-last on --compile "$COMPILE" \
-    --steps "$STEPS" > "$WORK/train_step.log" 2>&1
+    --full-grid --steps "$STEPS" > "$WORK/train_step.log" 2>&1
 tail -5 "$WORK/train_step.log"
 
 SHARDS=$WORK/cache/imagenet_like_${CLASSES}x${PER_CLASS}_500_shards_full

@@ -185,6 +185,11 @@ def device_benchmark(a, argv) -> int:
     if not (shards / "manifest.json").exists():
         convert(src, shards, splits=["train"], shard_size_mb=32, progress=False)
     rows = []
+
+    def save():
+        return write_json(f"loader_{a.device.split(':')[0]}", {
+            "rows": rows, "batch_size": a.batch_size, "command": "python -m benchmarks.loader " + " ".join(argv or [])})
+
     for backend in a.backends:
         for w in a.workers:
             try:
@@ -205,10 +210,9 @@ def device_benchmark(a, argv) -> int:
                          "loader_gpu_bytes": ld.stats.device_bytes})
             ld.close()
             print(f"{backend} {w} workers: {r['median']:.0f} img/s", flush=True)
+            save()  # after every row: a run cut short by a time limit keeps what it measured
     print(table(rows, [("name", "loader to the device", "s"), ("img_s", "img/s", ".0f"), ("note", "note", "s")]))
-    path = write_json(f"loader_{a.device.split(':')[0]}", {"rows": rows, "batch_size": a.batch_size,
-                                                            "command": "python -m benchmarks.loader " + " ".join(argv or [])})
-    print(f"wrote {path}")
+    print(f"wrote {save()}")
     return 0
 
 

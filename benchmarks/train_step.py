@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     comp = {"on": [True], "off": [False], "both": [False, True]}[a.compile]
     base = ("O2:bf16" if "O2:bf16" in a.levels else a.levels[0], True, False, a.optimizers[0])
     if a.full_grid:
-        configs = list(itertools.product(a.levels, cl, comp, a.optimizers))
+        # Uncompiled first: if a time limit cuts the run, the quick rows are already written.
+        configs = sorted(itertools.product(a.levels, cl, comp, a.optimizers), key=lambda c: c[2])
     else:
         # The baseline, then each axis varied alone: readable, and affordable on a CPU.
         configs = [base] + [(lv, *base[1:]) for lv in a.levels if lv != base[0]]
@@ -88,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         configs += [(base[0], base[1], c, base[3]) for c in comp if c != base[2]]
         configs += [(*base[:3], o) for o in a.optimizers if o != base[3]]
     rows = []
+
+    def save(rows: list[dict]):
+        return write_json(f"train_step_{a.device.split(':')[0]}", {
+            "rows": rows, "device": a.device, "command": "python -m benchmarks.train_step " + " ".join(argv or [])})
+
     for arch, batch in itertools.product(archs, batches):
         for level, channels_last, compile_, optimizer in configs:
             opt_level, amp = level.split(":")
@@ -106,15 +112,15 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(f"{arch} b{batch} {level} cl={channels_last} compile={compile_} {optimizer}: "
                   f"{'%.1f img/s' % rate if rate else err}", flush=True)
+            save(rows)  # after every row: a run cut short by a time limit keeps what it measured
     ref = rows[0]["img_s"] or 1.0
     for r in rows:
         r["vs_base"] = r["img_s"] / ref if r["img_s"] else None
+    path = save(rows)
     print(table(rows, [("arch", "arch", "s"), ("batch", "batch", "d"), ("precision", "precision", "s"),
                        ("channels_last", "channels_last", ""), ("compile", "compile", ""), ("optimizer", "SGD", "s"),
                        ("img_s", "img/s", ".1f"), ("vs_base", "x first row", ".2f"), ("mfu", "MFU", ".1%"),
                        ("error", "note", "s")]))
-    path = write_json(f"train_step_{a.device.split(':')[0]}", {"rows": rows, "device": a.device,
-                                                              "command": "python -m benchmarks.train_step " + " ".join(argv or [])})
     print(f"wrote {path}")
     return 0
 
