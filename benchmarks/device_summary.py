@@ -34,6 +34,12 @@ def collect(work: Path) -> dict:
                          "config": f"{r['arch']} b{r['batch']} {r['image']}px {r['precision']} compile={r['compile']}",
                          "img_s": r.get("img_s"), "mfu": r.get("mfu"),
                          "note": f"MFU {r['mfu']:.1%}" if r.get("mfu") else (r.get("error") or "")})
+    for step, what in (("loader", "loader alone"), ("train_step", "train step (synthetic)")):
+        log = work / f"{step}.log"
+        if log.exists() and "\nwrote " not in log.read_text(errors="replace"):
+            # The benchmark never reached its end: rows above are what it measured before it stopped.
+            rows.append({"what": what, "config": "the rest", "img_s": None,
+                         "note": f"stopped early (time limit or error): see {step}.log"})
     fps, archs = {}, []
     # synthetic first: it is what the other backends are compared with
     for log in sorted(work.glob("e2e_*.log"), key=lambda f: (f.stem != "e2e_synthetic", f.stem)):

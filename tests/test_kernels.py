@@ -136,10 +136,12 @@ def test_device_summary_reads_the_check_outputs(tmp_path, capsys):
     (tmp_path / "e2e_synthetic.log").write_text("=> resnet152 on cuda\nx * FPS@all 2500.000\n")
     (tmp_path / "e2e_nvjpeg.log").write_text("=> resnet152 on cuda\nx * FPS@all 2450.000\n")
     (tmp_path / "e2e_cpu.log").write_text("Traceback: boom\n")
+    (tmp_path / "train_step.log").write_text("resnet152 b256 O2:bf16 ...: 2500.0 img/s\n")  # cut short
     assert main([str(tmp_path), "--json", str(tmp_path / "all.json")]) == 0
     out = capsys.readouterr().out
     assert "H100" in out and "tests: 9 passed" in out
     assert "9000.0" in out and "MFU 22.0%" in out and "98.0% of synthetic" in out
     assert re.search(r"end to end, resnet152 O2 bf16\s+cpu\s+failed", out)
     rows = json.loads((tmp_path / "all.json").read_text())["rows"]
-    assert [r["img_s"] for r in rows] == [9000.0, 2500.0, 2500.0, None, 2450.0]
+    assert [r["img_s"] for r in rows] == [9000.0, 2500.0, None, 2500.0, None, 2450.0]
+    assert "stopped early" in rows[2]["note"] and main([str(tmp_path), "--check"]) == 1
