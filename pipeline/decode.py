@@ -96,6 +96,20 @@ class BatchDecoder:
     def label(self, sid: int, raw: dict | None) -> int:
         return int(raw[sid][1]) if raw is not None else int(self.table.label[sid])
 
+    def read_headers(self, ids: list[int], raw: dict | None) -> tuple[dict, np.ndarray, dict[int, str]]:
+        """(bytes by id, (n, 2) header sizes as width, height, why each unreadable id failed).
+
+        An unreadable sample keeps a 1 x 1 size, so crop parameters can still be drawn for it."""
+        data, bad = {}, {}
+        sizes = np.ones((len(ids), 2), np.int64)
+        for i, sid in enumerate(ids):
+            try:
+                data[sid] = self.read_bytes(sid, raw)
+                sizes[i] = self.header_size(data[sid])
+            except CorruptSample as e:
+                bad[sid] = str(e)
+        return data, sizes, bad
+
     # -- decode --------------------------------------------------------------------------
     def header_size(self, data) -> tuple[int, int]:
         """(width, height) from the image header; CorruptSample if it cannot be read."""
@@ -154,14 +168,7 @@ class BatchDecoder:
         t0 = time.perf_counter()
         ids = [int(s) for s in ids]
         pos = {sid: i for i, sid in enumerate(ids)}
-        data, bad = {}, {}
-        sizes = np.ones((len(ids), 2), np.int64)
-        for i, sid in enumerate(ids):
-            try:
-                data[sid] = self.read_bytes(sid, raw)
-                sizes[i] = self.header_size(data[sid])
-            except CorruptSample as e:
-                bad[sid] = str(e)
+        data, sizes, bad = self.read_headers(ids, raw)
         boxes, flips = self.params(epoch, ids, sizes)
         t_read = time.perf_counter()
         corrupt = []

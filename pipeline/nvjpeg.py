@@ -29,7 +29,7 @@ import torch
 from kernels.batch_resize import batch_crop_resize
 from kernels.normalize import affine_constants
 
-from .decode import BatchDecoder, CorruptSample, DecodeConfig, stand_ins
+from .decode import BatchDecoder, DecodeConfig, stand_ins
 from .loader import LoaderConfig, PlannedLoader
 from .remote import RemoteReader
 from .source import SampleTable
@@ -39,7 +39,6 @@ from .source import SampleTable
 class HostBatch:
     ids: list[int]
     data: list[torch.Tensor]   # JPEG bytes per sample (views of one pinned buffer)
-    sizes: np.ndarray          # (n, 2) width, height
     labels: np.ndarray
     bad: dict[int, str]        # sample id -> why it could not be read
     read_s: float
@@ -66,18 +65,11 @@ class NvjpegLoader(PlannedLoader):
     def _read(self, ids: np.ndarray, raw: dict | None) -> HostBatch:
         t0 = time.perf_counter()
         ids = [int(s) for s in ids]
-        blobs, bad = [], {}
-        sizes = np.ones((len(ids), 2), np.int64)
-        labels = np.zeros(len(ids), np.int64)
-        for i, sid in enumerate(ids):
-            try:
-                b = self.reader.read_bytes(sid, raw)
-                sizes[i] = self.reader.header_size(b)
-                blobs.append(b)
-            except CorruptSample as e:
-                bad[sid] = str(e)
-                blobs.append(b"\xff\xd8")
-            labels[i] = self.reader.label(sid, raw)
+        # Headers are read here only to catch corrupt samples on the host; the crops are drawn
+        # on the decoded images' sizes.
+        data, _, bad = self.reader.read_headers(ids, raw)
+        blobs = [b"" if sid in bad else data[sid] for sid in ids]
+        labels = np.array([self.reader.label(sid, raw) for sid in ids], np.int64)
         total = sum(len(b) for b in blobs)
         buf = torch.empty(total, dtype=torch.uint8, pin_memory=self._pin)
         host = buf.numpy()
@@ -87,7 +79,7 @@ class NvjpegLoader(PlannedLoader):
             host[off:off + n] = np.frombuffer(b, np.uint8)  # the one copy: shard -> pinned buffer
             views.append(buf[off:off + n])
             off += n
-        return HostBatch(ids, views, sizes, labels, bad, time.perf_counter() - t0)
+        return HostBatch(ids, views, labels, bad, time.perf_counter() - t0)
 
     # -- device side -----------------------------------------------------------------------------
     def _decode(self, hb: HostBatch) -> tuple[list[torch.Tensor | None], dict[int, str]]:
@@ -112,7 +104,7 @@ class NvjpegLoader(PlannedLoader):
         decoded, bad = self._decode(hb)
         ids = hb.ids
         pos = {sid: i for i, sid in enumerate(ids)}
-        images, sizes, labels = list(decoded), hb.sizes.copy(), hb.labels.copy()
+        images, labels = list(decoded), hb.labels.copy()
         corrupt = []
         for i, sid in enumerate(ids):
             if sid not in bad:
@@ -121,7 +113,7 @@ class NvjpegLoader(PlannedLoader):
             for src in stand_ins(self.cfg.seed, epoch, sid, ids):
                 if src not in bad:
                     j = pos[src]
-                    images[i], sizes[i], labels[i] = decoded[j], hb.sizes[j], hb.labels[j]
+                    images[i], labels[i] = decoded[j], hb.labels[j]
                     break
             else:
                 raise RuntimeError(f"epoch {epoch}: no decodable sample to replace {self.table.key(sid)}")
