@@ -37,9 +37,9 @@ def measure(arch: str, batch: int, image: int, device_name: str, opt_level: str,
                           channels_last=channels_last)
     step_model = torch.compile(model) if compile_ else model
     crit = torch.nn.CrossEntropyLoss()
-    in_dtype = precision.input_dtype if opt_level != "O1" else dtype
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x = torch.randn(batch, 3, image, image, device=device.torch_device).to(in_dtype).contiguous(memory_format=fmt)
+    x = torch.randn(batch, 3, image, image, device=device.torch_device)
+    x = x.to(precision.input_dtype).contiguous(memory_format=fmt)
     y = torch.randint(0, 1000, (batch,), device=device.torch_device)
     for _ in range(warmup):
         train_step(step_model, x, y, crit, precision, opt)

@@ -41,7 +41,9 @@ class Precision:
 
     @property
     def input_dtype(self) -> torch.dtype:
-        return self.amp_dtype if self.opt_level == "O2" else torch.float32
+        """The dtype the loader delivers: half under O1 too, since autocast casts the first conv's
+        input to half anyway, and half batches cost half the copy."""
+        return torch.float32 if self.opt_level == "O0" else self.amp_dtype
 
     def prepare_model(self, model: nn.Module, device: torch.device, channels_last: bool = True) -> nn.Module:
         """Move to device (channels_last by default); under O2 cast to half except BatchNorm."""

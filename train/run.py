@@ -164,9 +164,7 @@ def train(cfg: TrainConfig, spawn_index: int | None = None) -> dict:
         (torch.bfloat16 if device.supports_bf16() else torch.float16)
     opt_level = cfg.opt_level if cfg.amp else "O0"
     precision = Precision(opt_level, amp_dtype, cfg.loss_scale, device.kind)
-    input_dtype = precision.input_dtype if opt_level != "O1" else amp_dtype
-
-    train_loader, val_loader = build_loaders(cfg, device, info, input_dtype)
+    train_loader, val_loader = build_loaders(cfg, device, info, precision.input_dtype)
     model, optimizer, opt_name = build(cfg.arch, num_classes(train_loader), device, precision, cfg.lr, cfg.momentum,
                                        cfg.weight_decay, cfg.no_bn_wd, cfg.optimizer, seed=cfg.seed)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
