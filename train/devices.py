@@ -25,10 +25,6 @@ class Device:
     def dist_backend(self) -> str:
         return {"cuda": "nccl", "npu": "hccl"}.get(self.kind, "gloo")
 
-    @property
-    def autocast_type(self) -> str:
-        return self.kind
-
     def set_current(self) -> None:
         if self.kind == "cuda" and self.index is not None:
             torch.cuda.set_device(self.index)
