@@ -138,8 +138,10 @@ def validate(cfg: TrainConfig, given: set[str]) -> None:
     for name in ("workers", "max_steps", "save_every", "warm_up_epochs", "start_epoch", "eval_every"):
         if getattr(cfg, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0")
-    if cfg.backend not in ("auto", "cpu", "nvjpeg", "dali", "synthetic"):
-        raise UsageError(f"--backend {cfg.backend!r}: expected auto, cpu, nvjpeg, dali or synthetic")
+    from pipeline.backends import BACKENDS
+
+    if cfg.backend != "auto" and cfg.backend not in BACKENDS:
+        raise UsageError(f"--backend {cfg.backend!r}: expected auto or one of {', '.join(sorted(BACKENDS))}")
     if cfg.synthetic and "backend" in given and cfg.backend != "synthetic":
         raise UsageError(f"--synthetic conflicts with --backend {cfg.backend}")
     if cfg.demo and "shards" in given:
