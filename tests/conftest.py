@@ -119,6 +119,16 @@ def corrupt_shards(colour_shards, tmp_path) -> tuple[Path, set[str]]:
     return out, bad
 
 
+def collect(loader, limit: int | None = None) -> list[tuple]:
+    """The loader's (images, labels) batches, copied (a backend may reuse its buffers)."""
+    out = []
+    for i, (x, y) in enumerate(loader):
+        out.append((x.clone(), y.clone()))
+        if limit is not None and i + 1 >= limit:
+            break
+    return out
+
+
 def assert_resumes_exactly(make_loader, head_batches: int, through_json: bool = False) -> dict:
     """Take `head_batches` from one loader, restore its state into a fresh one, and check that
     head + the rest equals an uninterrupted epoch, bitwise. Returns the saved state."""
@@ -126,7 +136,7 @@ def assert_resumes_exactly(make_loader, head_batches: int, through_json: bool = 
 
     import torch
 
-    reference = [(x.clone(), y.clone()) for x, y in make_loader()]
+    reference = collect(make_loader())
     first = make_loader()
     it = iter(first)
     head = [tuple(t.clone() for t in next(it)) for _ in range(head_batches)]
@@ -134,7 +144,7 @@ def assert_resumes_exactly(make_loader, head_batches: int, through_json: bool = 
     assert state["batch"] == head_batches
     resumed = make_loader()
     resumed.load_state_dict(json.loads(json.dumps(state)) if through_json else state)
-    tail = [(x.clone(), y.clone()) for x, y in resumed]
+    tail = collect(resumed)
     assert len(head) + len(tail) == len(reference)
     for (a, la), (b, lb) in zip(head + tail, reference):
         assert torch.equal(a, b) and torch.equal(la, lb)

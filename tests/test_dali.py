@@ -9,12 +9,8 @@ from pipeline import Loader
 
 pytest.importorskip("nvidia.dali", reason="the dali extra (nvidia-dali-cuda130) is not installed")
 
-from conftest import assert_resumes_exactly  # noqa: E402
+from conftest import assert_resumes_exactly, collect  # noqa: E402
 from test_loader import colour_of  # noqa: E402
-
-
-def collect(loader):
-    return [(x.clone(), y.clone()) for x, y in loader]
 
 
 def test_dali_cpu_shapes_and_labels(colour_shards):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import collect
 from pipeline import Loader
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -44,7 +45,7 @@ def test_fused_normalize_on_cuda():
 def test_backends_on_cuda_match_cpu_output(colour_shards, backend):
     kw = dict(batch_size=8, image_size=32, workers=2, normalize=False, seed=3)
     dev = [(x.cpu(), y.cpu()) for x, y in Loader(colour_shards, backend=backend, device="cuda", **kw)]
-    ref = [(x.clone(), y.clone()) for x, y in Loader(colour_shards, backend="cpu", device="cpu", **kw)]
+    ref = collect(Loader(colour_shards, backend="cpu", device="cpu", **kw))
     assert len(dev) == len(ref)
     for (a, la), (b, lb) in zip(dev, ref):
         assert torch.equal(la, lb)

@@ -10,19 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CLASS_COLOURS, assert_resumes_exactly
+from conftest import CLASS_COLOURS, assert_resumes_exactly, collect
 from convert.manifest import load_manifest
 from pipeline import Loader, ShardError
 from pipeline.workers import WorkerError
-
-
-def collect(loader, limit=None):
-    out = []
-    for i, (x, y) in enumerate(loader):
-        out.append((x.clone(), y.clone()))
-        if limit is not None and i + 1 >= limit:
-            break
-    return out
 
 
 def colour_of(images_u8: torch.Tensor) -> np.ndarray:

@@ -11,14 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_resumes_exactly
+from conftest import assert_resumes_exactly, collect
 from convert.manifest import ManifestError, load_manifest
 from pipeline import Loader
 from pipeline.http import HTTPReadError, http_get
-
-
-def collect(loader):
-    return [(x.clone(), y.clone()) for x, y in loader]
 
 
 def test_corrupt_samples_are_counted_replaced_and_deterministic(corrupt_shards, caplog):

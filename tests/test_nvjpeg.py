@@ -10,7 +10,7 @@ import threading
 import pytest
 import torch
 
-from conftest import ROOT, assert_resumes_exactly
+from conftest import ROOT, assert_resumes_exactly, collect
 from pipeline import Loader
 
 KERNEL_CHECK = r"""
@@ -50,10 +50,6 @@ def test_triton_kernels_match_reference_in_interpreter():
     r = subprocess.run([sys.executable, "-c", KERNEL_CHECK], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr[-3000:]
-
-
-def collect(loader):
-    return [(x.clone(), y.clone()) for x, y in loader]
 
 
 @pytest.mark.parametrize("split", ["train", "val"])
