@@ -32,27 +32,30 @@ def epoch_rate(make_iter, repeats: int) -> dict:
     return timed(once, repeats=repeats, warmup=1)
 
 
-def reference_loader(root: Path, workers: int, batch: int):
-    from torchvision import datasets, transforms
+def reference_transform():
+    """pytorch/examples' train transform, which both reference loaders run."""
+    from torchvision import transforms
 
-    tf = transforms.Compose([transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(),
-                             transforms.ToTensor(),
-                             transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
-    ds = datasets.ImageFolder(str(root / "train"), tf)
+    return transforms.Compose([transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(),
+                               transforms.ToTensor(),
+                               transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+
+
+def reference_loader(root: Path, workers: int, batch: int):
+    from torchvision import datasets
+
+    ds = datasets.ImageFolder(str(root / "train"), reference_transform())
     return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers,
                                        persistent_workers=True, drop_last=True)
 
 
 def webdataset_loader(shards: Path, workers: int, batch: int):
     import webdataset as wds
-    from torchvision import transforms
 
     from convert.manifest import load_manifest
 
     urls = [str(shards / s["name"]) for s in load_manifest(shards)["splits"]["train"]["shards"]]
-    tf = transforms.Compose([transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(),
-                             transforms.ToTensor(),
-                             transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    tf = reference_transform()
     ds = (wds.WebDataset(urls, shardshuffle=len(urls), nodesplitter=wds.split_by_node,
                          workersplitter=wds.split_by_worker, empty_check=False)
           .shuffle(1000).decode("pil").to_tuple("jpg", "cls").map_tuple(tf, lambda c: c).batched(batch))
