@@ -20,6 +20,11 @@ import math
 import numpy as np
 
 
+def shard_starts(shard_sizes) -> np.ndarray:
+    """(shards + 1,) first sample id of each shard, then the total."""
+    return np.concatenate([[0], np.cumsum(shard_sizes)]).astype(np.int64)
+
+
 def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.Generator(np.random.PCG64([seed, epoch, 0x5EED])).permutation(n)
 
@@ -35,7 +40,7 @@ def train_batches_local(n: int, seed: int, epoch: int, rank: int, world: int, ba
 def train_batches_remote(shard_sizes: list[int], seed: int, epoch: int, rank: int, world: int, batch_size: int,
                          buffer: int, drop_last: bool = True) -> tuple[list[np.ndarray], list[int]]:
     """(batches of sample ids, the rank's shard order to stream)."""
-    starts = np.concatenate([[0], np.cumsum(shard_sizes)]).astype(np.int64)
+    starts = shard_starts(shard_sizes)
     rng = np.random.Generator(np.random.PCG64([seed, epoch, 0x5A4D]))
     order = rng.permutation(len(shard_sizes))
     loads = [0] * world

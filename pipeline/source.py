@@ -21,6 +21,7 @@ from convert.manifest import MANIFEST_NAME, ManifestError, load_manifest, parse_
 from convert.tarwriter import parse_dali_index
 
 from .http import http_get, is_url
+from .plan import shard_starts
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
 
@@ -50,7 +51,7 @@ class SampleTable:
     @property
     def shard_starts(self) -> np.ndarray:
         """(shards + 1,) first sample id of each shard, then the total."""
-        return np.concatenate([[0], np.cumsum(self.shard_sizes)]).astype(np.int64)
+        return shard_starts(self.shard_sizes)
 
     def key(self, sample_id: int) -> str:
         s = int(self.shard[sample_id])
