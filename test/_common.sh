@@ -44,18 +44,18 @@ report() {
 
 # run_1p ARGS...: one process. run_np ARGS...: $nproc processes through torchrun.
 run_1p() {
-    start_time=$(date +%s)
-    python3 -m train.run --data="$data_path" --device="$device" "$@" "${extra[@]}" > "$log" 2>&1
-    rc=$?
-    end_time=$(date +%s)
-    report
-    return $rc
+    timed_run python3 -m train.run --data="$data_path" --device="$device" "$@" "${extra[@]}"
 }
 
 run_np() {
+    timed_run python3 -m torch.distributed.run --nproc_per_node="$nproc" --master_port="${MASTER_PORT:-29688}" \
+        -m train.run --data="$data_path" --device="$device" "$@" "${extra[@]}"
+}
+
+# timed_run COMMAND...: run it into the log, then print the seed's report; keeps its status.
+timed_run() {
     start_time=$(date +%s)
-    python3 -m torch.distributed.run --nproc_per_node="$nproc" --master_port="${MASTER_PORT:-29688}" \
-        -m train.run --data="$data_path" --device="$device" "$@" "${extra[@]}" > "$log" 2>&1
+    "$@" > "$log" 2>&1
     rc=$?
     end_time=$(date +%s)
     report
