@@ -3,7 +3,7 @@
 - ROI JPEG decode of a RandomResizedCrop region (kernels/_jpeg.c) vs Pillow's full decode
   and crop;
 - crop + antialiased resize + flip into a batch slot (numba) vs Pillow's resize with a box;
-- shard writing (convert/tarwriter.py) vs the standard library's tarfile.
+- shard writing (pipeline/shard_format.py's ShardWriter) vs the standard library's tarfile.
 
     python -m benchmarks.kernels [--images 300]
 """
@@ -75,11 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     r = timed(resize(resize_crop_into))["median"]
     rows.append({"name": "crop-resize-flip: ours numba, into the slot", "img_s": r, "vs_ref": r / ref})
 
-    from convert.tarwriter import ShardWriter
+    from pipeline.shard_format import JPEG_EXT, LABEL_EXT, META_EXT, ShardWriter
 
     out_dir = src.parent / "kernel-bench"
     out_dir.mkdir(exist_ok=True)
-    members = [{"jpg": d, "cls": b"1", "json": b"{}"} for d in datas]
+    members = [{JPEG_EXT: d, LABEL_EXT: b"1", META_EXT: b"{}"} for d in datas]
 
     def std_tar():
         # The same work as ours: the archive, its sha256 and an fsync (the index is left out).

@@ -52,13 +52,13 @@ def reference_loader(root: Path, workers: int, batch: int):
 def webdataset_loader(shards: Path, workers: int, batch: int):
     import webdataset as wds
 
-    from convert.manifest import load_manifest
+    from pipeline.shard_format import JPEG_EXT, LABEL_EXT, load_manifest
 
     urls = [str(shards / s["name"]) for s in load_manifest(shards)["splits"]["train"]["shards"]]
     tf = reference_transform()
     ds = (wds.WebDataset(urls, shardshuffle=len(urls), nodesplitter=wds.split_by_node,
                          workersplitter=wds.split_by_worker, empty_check=False)
-          .shuffle(1000).decode("pil").to_tuple("jpg", "cls").map_tuple(tf, lambda c: c).batched(batch))
+          .shuffle(1000).decode("pil").to_tuple(JPEG_EXT, LABEL_EXT).map_tuple(tf, lambda c: c).batched(batch))
     return wds.WebLoader(ds, batch_size=None, num_workers=workers, persistent_workers=True)
 
 
@@ -66,12 +66,14 @@ def decode_ceiling(shards: Path, n: int = 300) -> dict:
     """Single-core images/s of a full Pillow decode and of our crop-region decode + resize."""
     from PIL import Image
 
-    from pipeline.decode import BatchDecoder, DecodeConfig
+    from pipeline.augment import Transform
+    from pipeline.decode import BatchDecoder
+    from pipeline.samples import SampleReader
     from pipeline.source import open_split
 
     table_ = open_split(shards, "train")
-    dec = BatchDecoder(table_, DecodeConfig(224, True, 49))
-    datas = [bytes(dec.read_bytes(i, None)) for i in range(min(n, len(table_)))]
+    dec = BatchDecoder(SampleReader(table_), Transform(224, train=True), seed=49, fast_dct=True)
+    datas = [bytes(dec.samples.bytes(i)) for i in range(min(n, len(table_)))]
 
     def full():
         for d in datas:
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         return device_benchmark(a, argv)
 
     from convert.imagenet_to_shards import convert
-    from pipeline import Loader
+    from pipeline import create_loader
 
     src = imagenet_like(a.classes, a.per_class)
     cache = src.parent
@@ -146,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                 for normalize in (False, True):
                     if normalize and (mode == "thread" or label == "max256"):
                         continue
-                    ld = Loader(shards[label], batch_size=bs, image_size=224, device="cpu", workers=w,
+                    ld = create_loader(shards[label], batch_size=bs, image_size=224, device="cpu", workers=w,
                                 worker_mode=mode, normalize=normalize, dtype=torch.float32)
                     r = epoch_rate(lambda: ld, a.repeats)
                     ld.close()
@@ -154,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append({"name": f"ours cpu, {label} shards, {w} {mode} workers, {out}",
                                  "img_s": r["median"], "shards": label, "workers": w, "mode": mode,
                                  "normalize": normalize})
-    syn = Loader(shards["full"], backend="synthetic", batch_size=bs, image_size=224, device="cpu")
+    syn = create_loader(shards["full"], backend="synthetic", batch_size=bs, image_size=224, device="cpu")
     rows.append({"name": "ours synthetic backend", "img_s": epoch_rate(lambda: syn, a.repeats)["median"]})
 
     for r in rows:
@@ -181,7 +183,7 @@ def device_benchmark(a, argv) -> int:
     """Loader alone on a GPU machine: normalized bf16 batches on the device, per backend."""
     sync = torch.cuda.synchronize if torch.device(a.device).type == "cuda" else (lambda: None)
     from convert.imagenet_to_shards import convert
-    from pipeline import Loader
+    from pipeline import create_loader
 
     src = imagenet_like(a.classes, a.per_class)
     shards = src.parent / f"{src.name}_shards_full"
@@ -196,7 +198,7 @@ def device_benchmark(a, argv) -> int:
     for backend in a.backends:
         for w in a.workers:
             try:
-                ld = Loader(shards, backend=backend, batch_size=a.batch_size, image_size=a.image_size,
+                ld = create_loader(shards, backend=backend, batch_size=a.batch_size, image_size=a.image_size,
                             device=a.device, workers=w, dtype=torch.bfloat16)
             except ImportError as e:  # e.g. DALI not installed on this machine
                 rows.append({"name": f"{backend}, {w} workers", "img_s": None, "note": str(e)[:60]})

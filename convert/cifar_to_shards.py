@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import pickle
 import sys
 import tarfile
@@ -23,8 +22,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .runner import (ConvertError, Item, default_workers, format_summary, plan_shards, run_conversion,
-                     sample_key)
+from pipeline.shard_format import PNG_EXT, Sample, sample_key
+
+from .runner import ConvertError, Item, default_workers, format_summary, plan_shards, run_conversion
 
 TOOL = "convert.cifar_to_shards"
 _SAFE_DTYPES = {"u1", "i1", "i2", "i4", "i8", "u2", "u4", "u8", "f4", "f8", "b1", "|u1", "<i8", "<i4"}
@@ -137,7 +137,7 @@ def _batch_arrays(batch: dict, origin: str, label_key: str) -> tuple[np.ndarray,
     return data, labels, coarse
 
 
-def encode_cifar(item: Item, options: dict) -> tuple[dict[str, bytes], int]:
+def encode_cifar(item: Item, options: dict) -> tuple[Sample, int]:
     """Encoder: one CIFAR row (3072 bytes, planar RGB) -> KEY.png, KEY.cls, KEY.json."""
     pixels, coarse = item.source
     hwc = np.frombuffer(pixels, np.uint8).reshape(3, 32, 32).transpose(1, 2, 0)
@@ -147,9 +147,7 @@ def encode_cifar(item: Item, options: dict) -> tuple[dict[str, bytes], int]:
     meta = {"path": item.path, "label": item.label, "width": 32, "height": 32}
     if coarse is not None:
         meta["coarse_label"] = coarse
-    members = {"png": buf.getvalue(), "cls": str(item.label).encode(),
-               "json": json.dumps(meta, sort_keys=True).encode()}
-    return members, len(pixels)
+    return Sample(buf.getvalue(), PNG_EXT, item.label, meta), len(pixels)
 
 
 def convert(src: Path, out: Path, shard_size_mb: float = 32, seed: int = 49, workers: int | None = None,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import sys
 import time
@@ -19,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.shard_format import JPEG_EXT, Sample, sample_key
+
 from .images import IMG_EXTENSIONS, RejectedImage, prepare_image
-from .runner import (ConvertError, Item, default_workers, format_summary, plan_shards, run_conversion,
-                     sample_key)
+from .runner import ConvertError, Item, default_workers, format_summary, plan_shards, run_conversion
 
 TOOL = "convert.imagenet_to_shards"
 SPLITS = ("train", "val")
@@ -101,8 +101,8 @@ def scan_flat_val(src: Path, labels: dict[str, str], class_to_idx: dict[str, int
     return samples, ignored, unlabelled
 
 
-def encode_image_file(item: Item, options: dict) -> tuple[dict[str, bytes], int]:
-    """Encoder: read one source file and return its sample's members."""
+def encode_image_file(item: Item, options: dict) -> tuple[Sample, int]:
+    """Encoder: read one source file and return its sample."""
     try:
         with open(item.source, "rb") as f:
             data = f.read()
@@ -110,9 +110,7 @@ def encode_image_file(item: Item, options: dict) -> tuple[dict[str, bytes], int]
         raise RejectedImage(f"unreadable file ({e.strerror or e})") from None
     prepared = prepare_image(data, options.get("max_side"), options["quality"])
     meta = {"path": item.path, "label": item.label, **prepared.meta}
-    members = {"jpg": prepared.jpeg, "cls": str(item.label).encode(),
-               "json": json.dumps(meta, sort_keys=True).encode()}
-    return members, len(data)
+    return Sample(prepared.jpeg, JPEG_EXT, item.label, meta), len(data)
 
 
 def estimate_ratio(items: list[Item], options: dict, probes: int = 24) -> float:
@@ -123,11 +121,11 @@ def estimate_ratio(items: list[Item], options: dict, probes: int = 24) -> float:
     src = out = 0
     for item in items[::step][:probes]:
         try:
-            members, n = encode_image_file(item, options)
+            sample, n = encode_image_file(item, options)
         except RejectedImage:
             continue
         src += n
-        out += len(members["jpg"])
+        out += len(sample.image)
     return out / src if src else 1.0
 
 

@@ -12,7 +12,6 @@ import json
 import multiprocessing as mp
 import os
 import queue
-import re
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -20,13 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .images import RejectedImage
-from .manifest import FORMAT, MANIFEST_NAME, VERSION, ManifestError, load_manifest, write_manifest
-from .tarwriter import ShardWriter, sha256_file
+from pipeline.shard_format import (MANIFEST_NAME, VERSION, ManifestError, Sample, ShardWriter, index_name,
+                                   is_split_file, load_manifest, new_manifest, partial_files, sha256_file, shard_entry,
+                                   shard_name, write_manifest)
 
-# An encoder turns one planned item into the tar members of its sample, or raises RejectedImage.
-# It must be a module-level function so that worker processes can receive it.
-Encoder = Callable[[object, dict], tuple[dict[str, bytes], int]]
+from .images import RejectedImage
+
+# An encoder turns one planned item into its sample and the source bytes it read, or raises
+# RejectedImage. It must be a module-level function so that worker processes can receive it.
+Encoder = Callable[[object, dict], tuple[Sample, int]]
 
 
 class ConvertError(Exception):
@@ -64,11 +65,6 @@ class SplitReport:
     ignored: int = 0
 
 
-def sample_key(index: int) -> str:
-    """Key of the split's index-th planned sample; stable across reruns and worker counts."""
-    return f"{index:08d}"
-
-
 def plan_shards(split: str, items: list[Item], shard_bytes: int, encoder: Encoder,
                 options: dict) -> list[ShardJob]:
     """Cut the ordered items into shards of about `shard_bytes` each."""
@@ -83,7 +79,7 @@ def plan_shards(split: str, items: list[Item], shard_bytes: int, encoder: Encode
         jobs.append(current)
     out = []
     for i, shard_items in enumerate(jobs):
-        name = f"{split}-{i:06d}.tar"
+        name = shard_name(split, i)
         out.append(ShardJob(split, name, shard_items, _fingerprint(name, shard_items, options), encoder, options))
     return out
 
@@ -117,26 +113,25 @@ def write_shard(job: ShardJob, out_dir: str, strict: bool) -> dict:
     with ShardWriter(Path(out_dir) / job.name) as writer:
         for item in job.items:
             try:
-                members, nbytes_in = job.encoder(item, job.options)
+                sample, nbytes_in = job.encoder(item, job.options)
             except RejectedImage as e:
                 if strict:
                     raise ConvertError(f"{item.path}: {e.reason} (--strict)") from None
                 rejects.append({"path": item.path, "reason": e.reason})
-                members, nbytes_in = None, 0
-            if members is not None:
-                writer.write(item.key, members)
+                sample, nbytes_in = None, 0
+            if sample is not None:
+                writer.write_sample(item.key, sample)
             bytes_in += nbytes_in
             pending[0] += 1
             pending[1] += nbytes_in
-            pending[2] += sum(len(v) for v in members.values()) if members else 0
+            pending[2] += len(sample.image) if sample is not None else 0
             if pending[0] >= 16:
                 _report(*pending)
                 pending = [0, 0, 0]
-        samples = writer.samples
         size, digest = writer.close()
     _report(*pending)
-    return {"name": job.name, "index": job.name[:-4] + ".idx", "samples": samples, "bytes": size,
-            "sha256": digest, "plan": job.plan, "bytes_in": bytes_in, "rejects": rejects}
+    return {**shard_entry(job.name, writer.samples, size, digest, job.plan, writer.labels),
+            "bytes_in": bytes_in, "rejects": rejects}
 
 
 # -- main side --------------------------------------------------------------------------------
@@ -150,7 +145,7 @@ def prepare_out_dir(out: Path) -> None:
     except OSError as e:
         raise ConvertError(f"--out {out}: not writable ({e.strerror or e})") from None
     # Leftovers of a killed run: never under a final name, always safe to drop.
-    for stale in out.glob(".*.partial"):
+    for stale in partial_files(out):
         stale.unlink(missing_ok=True)
 
 
@@ -166,7 +161,7 @@ def _previous_entries(out: Path) -> dict[str, dict]:
 
 
 def _still_valid(out: Path, entry: dict | None, job: ShardJob) -> bool:
-    if not entry or entry.get("plan") != job.plan:
+    if not entry or entry.get("plan") != job.plan or "labels" not in entry:
         return False
     tar, idx = out / job.name, out / entry.get("index", "")
     if not tar.is_file() or not idx.is_file() or tar.stat().st_size != entry.get("bytes"):
@@ -202,19 +197,15 @@ def run_conversion(out: Path, tool: str, classes: list[str], splits: dict[str, l
         _remove_unplanned(out, split, {j.name for j in jobs})
 
     def manifest(complete: bool) -> dict:
-        m = {"format": FORMAT, "version": VERSION, "complete": complete, "tool": tool,
-             "options": options, "classes": classes, **(extra or {}), "splits": {}, "rejects": []}
+        info = {}
         for split, jobs in splits.items():
             done = [entries[split][j.name] for j in jobs if j.name in entries[split]]
-            rejects = unplanned_rejects.get(split, []) + [r for e in done for r in e["rejects"]]
-            m["splits"][split] = {
-                "samples": sum(e["samples"] for e in done),
+            info[split] = {
                 "shards": done,
-                "rejects": rejects,
+                "rejects": unplanned_rejects.get(split, []) + [r for e in done for r in e["rejects"]],
                 "ignored": {"count": len(ignored.get(split, [])), "examples": ignored.get(split, [])[:20]},
             }
-            m["rejects"].extend(rejects)
-        return m
+        return new_manifest(tool, options, classes, info, complete, extra)
 
     total_items = sum(len(j.items) for j in todo)
     bar = _bar(total_items, progress)
@@ -293,9 +284,9 @@ def _drain(q, on_progress) -> None:
 
 def _remove_unplanned(out: Path, split: str, planned: set[str]) -> None:
     """Drop shards of this split that an earlier, differently planned run left behind."""
-    pattern = re.compile(rf"^{re.escape(split)}-\d{{6}}\.(tar|idx)$")
+    keep = planned | {index_name(n) for n in planned}
     for p in out.iterdir():
-        if pattern.match(p.name) and p.name[:-4] + ".tar" not in planned:
+        if is_split_file(p.name, split) and p.name not in keep:
             p.unlink(missing_ok=True)
 
 

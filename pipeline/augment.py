@@ -1,4 +1,5 @@
-"""Per-sample augmentation parameters from a counter-based RNG.
+"""What each sample becomes (`Transform`, the one description every backend follows), and its
+per-sample parameters from a counter-based RNG.
 
 Sample `i` of epoch `e` draws its crop and flip from uniforms keyed on (seed, epoch, i), not
 from a generator's running state, so the parameters do not depend on which worker decodes the
@@ -9,8 +10,15 @@ same uniforms.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
+
+# torchvision's RandomResizedCrop defaults, which the seed (pytorch/examples' imagenet) uses.
+RRC_SCALE = (0.08, 1.0)
+RRC_RATIO = (3 / 4, 4 / 3)
+# The eval resize of the same recipe: the shorter side to size * 256 / 224, then a centre crop.
+EVAL_RESIZE_RATIO = 256 / 224
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -38,7 +46,7 @@ def uniforms(seed: int, epoch: int, ids: np.ndarray, n: int, stream: int = 0) ->
 
 
 def random_resized_crop(width: np.ndarray, height: np.ndarray, u: np.ndarray,
-                        scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> np.ndarray:
+                        scale=RRC_SCALE, ratio=RRC_RATIO) -> np.ndarray:
     """torchvision's RandomResizedCrop.get_params, vectorised over samples.
 
     width, height: source sizes; u: (n, >= 40) uniforms. Returns (n, 4) int64 boxes as
@@ -78,7 +86,7 @@ def random_resized_crop(width: np.ndarray, height: np.ndarray, u: np.ndarray,
 
 
 def train_params(seed: int, epoch: int, ids: np.ndarray, width: np.ndarray, height: np.ndarray,
-                 scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple[np.ndarray, np.ndarray]:
+                 scale=RRC_SCALE, ratio=RRC_RATIO) -> tuple[np.ndarray, np.ndarray]:
     """(boxes (n, 4) float64 as left, top, w, h; flips (n,) bool) for the train transform."""
     u = uniforms(seed, epoch, ids, _UNIFORMS)
     boxes = random_resized_crop(width, height, u, scale, ratio).astype(np.float64)
@@ -92,7 +100,7 @@ def val_params(width: np.ndarray, height: np.ndarray, image_size: int, resize: i
     source that the centre crop of the resized image covers, so one resize of the box gives
     the same pixels up to filter rounding.
     """
-    resize = resize or int(round(image_size * 256 / 224))
+    resize = resize or eval_resize(image_size)
     width = np.asarray(width, np.float64)
     height = np.asarray(height, np.float64)
     short = np.minimum(width, height)
@@ -104,3 +112,37 @@ def val_params(width: np.ndarray, height: np.ndarray, image_size: int, resize: i
     top = np.round((new_h - crop) / 2.0)
     left = np.round((new_w - crop) / 2.0)
     return np.stack([left / sx, top / sy, crop / sx, crop / sy], 1)
+
+
+def eval_resize(image_size: int) -> int:
+    return int(round(image_size * EVAL_RESIZE_RATIO))
+
+
+@dataclass(frozen=True)
+class Transform:
+    """What each sample becomes, in every backend.
+
+    train: torchvision's RandomResizedCrop(size, scale, ratio) and RandomHorizontalFlip(0.5);
+    eval: Resize(resize) and CenterCrop(size), resize = `val_resize` or size * 256 / 224.
+    Both are expressed as a box in source pixels plus a flip, drawn by `params`; a backend only
+    has to resize the box to size x size (antialiased) and flip it.
+    """
+
+    size: int
+    train: bool
+    scale: tuple[float, float] = RRC_SCALE
+    ratio: tuple[float, float] = RRC_RATIO
+    val_resize: int | None = None
+
+    @property
+    def resize(self) -> int:
+        """The eval resize of the shorter side."""
+        return self.val_resize or eval_resize(self.size)
+
+    def params(self, seed: int, epoch: int, ids, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(boxes (n, 4) float64 as left, top, w, h in source pixels; flips (n,) bool) for samples
+        `ids` (their RNG keys) of sizes (n, 2) as (width, height)."""
+        sizes = np.asarray(sizes).reshape(-1, 2)
+        if self.train:
+            return train_params(seed, epoch, np.asarray(ids), sizes[:, 0], sizes[:, 1], self.scale, self.ratio)
+        return val_params(sizes[:, 0], sizes[:, 1], self.size, self.resize), np.zeros(len(sizes), bool)

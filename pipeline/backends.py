@@ -1,4 +1,5 @@
-"""Backend registry: name -> factory(shards, cfg) with one contract (see pipeline.loader).
+"""Backend registry: name -> factory(shards, cfg), each building a `BatchLoader` (see
+pipeline.contract).
 
 Backends that need optional packages import them inside their factory and fail with a message
 naming the package to install.
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .loader import LoaderConfig, ShardLoader
+from .contract import LoaderConfig
 from .source import open_split
 
 BACKENDS: dict[str, Callable] = {}
@@ -22,7 +23,9 @@ def register_backend(name: str):
 
 @register_backend("cpu")
 def _cpu(shards, cfg: LoaderConfig):
-    return ShardLoader(open_split(shards, cfg.split), cfg)
+    from .cpu import CpuLoader
+
+    return CpuLoader(open_split(shards, cfg.split), cfg)
 
 
 @register_backend("nvjpeg")
@@ -34,8 +37,9 @@ def _nvjpeg(shards, cfg: LoaderConfig):
 
 @register_backend("dali")
 def _dali(shards, cfg: LoaderConfig):
-    from .dali import DaliLoader
+    from .dali import DaliLoader, import_dali
 
+    import_dali()  # name the missing package before any work
     return DaliLoader(open_split(shards, cfg.split), cfg)
 
 
@@ -46,7 +50,7 @@ def _synthetic(shards, cfg: LoaderConfig):
     samples, classes = 1_281_167, 1000  # ImageNet's train split, when no shards are given
     if shards is not None:
         table = open_split(shards, cfg.split)
-        samples, classes = len(table), max(len(table.classes), 1)
+        samples, classes = len(table), table.num_classes or 1000
     return SyntheticLoader(cfg, samples, classes)
 
 

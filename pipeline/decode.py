@@ -1,50 +1,33 @@
-"""Decode one batch into a host batch slot: ROI JPEG decode, then crop-resize-flip in place.
+"""The cpu backend's per-batch work: decode each sample's box and resize it into a batch slot.
 
 This is the CPU backend's whole per-sample cost, so it avoids decoding pixels that the crop
-throws away: the crop is chosen from the JPEG header before decoding, only the crop's rows and
-(iMCU-aligned) columns are decoded, at the largest DCT scale that still covers the output, and
-the resize writes straight into the shared batch buffer.
+throws away: the box is drawn from the JPEG header before decoding, only the box's rows and
+(iMCU-aligned) columns are decoded (`kernels/_jpeg.c`), at the largest DCT scale that still
+covers the output when DCT scaling is on (train, by default), and the resize writes straight
+into the shared batch buffer. PNGs (CIFAR), and JPEGs the fast path cannot turn into RGB (CMYK,
+YCCK), go through Pillow.
+
+Only errors in the data are replaced (`CorruptSample`); a bad argument, an exhausted resource or
+a bug raises.
 """
 from __future__ import annotations
 
 import io
 import logging
-import mmap
+import math
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
 from kernels.resize import resize_crop_into
 
-from .augment import train_params, uniforms, val_params
-from .source import SampleTable
+from .augment import Transform, uniforms
+from .samples import CorruptJPEG, CorruptSample, SampleReader, UnsupportedJPEG, _jpeg, is_jpeg, pil_errors
 
 log = logging.getLogger(__name__)
 
-try:  # the ROI decoder is an optional compiled extension (see setup.py)
-    from kernels import _jpeg
-except ImportError:  # pragma: no cover - exercised where libjpeg-turbo headers are missing
-    _jpeg = None
-
-_JPEG_MAGIC = b"\xff\xd8"
 _REPLACE_STREAM = 1
 _MAX_REPLACEMENT_TRIES = 16
-
-
-class CorruptSample(Exception):
-    pass
-
-
-@dataclass
-class DecodeConfig:
-    image_size: int
-    train: bool
-    seed: int
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    val_resize: int | None = None
-    fast_dct: bool = False  # libjpeg's fast IDCT and plain upsampling: ~4 % faster, less exact
 
 
 def dct_denominator(box_w: float, box_h: float, out: int) -> int:
@@ -55,14 +38,65 @@ def dct_denominator(box_w: float, box_h: float, out: int) -> int:
     return 1
 
 
-class BatchDecoder:
-    """Decodes batches of sample ids; picklable, opens shard files lazily in whichever process
-    it runs."""
+def decode_margin(box_w: float, box_h: float, out_w: int, out_h: int, d: int) -> int:
+    """Source pixels to decode beyond each side of the box.
 
-    def __init__(self, table: SampleTable, cfg: DecodeConfig):
-        self.table = table
-        self.cfg = cfg
-        self._maps: dict[int, mmap.mmap] = {}
+    The resize filter reads up to max(box / out, d) source pixels past the box's edge (its
+    support, in source pixels). Decoding them too gives pixels near the edge the neighbours a full
+    decode gives them; two more decoded pixels keep the one column a cropped decode gets wrong (at
+    its cut, fancy upsampling has no neighbour) outside the filter's reach.
+    """
+    return int(math.ceil(max(box_w / out_w, box_h / out_h, d))) + 2 * d
+
+
+def stand_ins(seed: int, epoch: int, sid: int, ids: list[int]):
+    """Candidate stand-ins for a corrupt sample `sid`, in order: samples of the same batch picked
+    by a hash of (seed, epoch, sid), so every backend and worker count picks the same ones."""
+    u = uniforms(seed, epoch, np.array([sid]), _MAX_REPLACEMENT_TRIES, stream=_REPLACE_STREAM)[0]
+    for v in u:
+        yield int(ids[int(v * len(ids))])
+
+
+def decode_strict(data) -> np.ndarray:
+    """The whole image as (H, W, 3) uint8, decoded on the CPU, or CorruptSample if the bytes are
+    damaged: what decides whether an image a device decoder refused is bad data. JPEGs are first
+    checked by the extension's strict validation, which (unlike Pillow) refuses corrupt data."""
+    if _jpeg is not None and is_jpeg(data) and hasattr(_jpeg, "validate"):
+        try:
+            _jpeg.validate(data)
+        except CorruptJPEG as e:
+            raise CorruptSample(str(e)) from None
+        except UnsupportedJPEG:
+            pass  # CMYK and the like: Pillow decodes them below
+    return _decode_pil(data, 1)[0]
+
+
+def _decode_pil(data, d: int) -> tuple[np.ndarray, float]:
+    """(pixels (H, W, 3) uint8, their scale to the source) through Pillow, at about 1/d for JPEGs."""
+    from PIL import Image
+
+    try:
+        im = Image.open(io.BytesIO(data))
+        w = im.width
+        if d > 1 and im.format == "JPEG":
+            im.draft("RGB", (im.width // d, im.height // d))
+        arr = np.asarray(im.convert("RGB"))
+    except pil_errors() as e:
+        raise CorruptSample(str(e) or type(e).__name__) from None
+    return arr, arr.shape[1] / w
+
+
+class BatchDecoder:
+    """Decodes batches of sample ids into host slots; picklable (one per worker process), and
+    `for_thread()` gives each worker thread its own scratch buffer over a shared reader."""
+
+    def __init__(self, samples: SampleReader, transform: Transform, seed: int, fast_dct: bool = False,
+                 dct_scaling: bool = True):
+        self.samples = samples
+        self.transform = transform
+        self.seed = seed
+        self.fast_dct = fast_dct
+        self.dct_scaling = dct_scaling
         self._scratch = np.empty(1 << 20, np.uint8)
         if _jpeg is None and not getattr(BatchDecoder, "_warned", False):
             BatchDecoder._warned = True
@@ -70,95 +104,55 @@ class BatchDecoder:
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_maps"] = {}
+        state["_scratch"] = np.empty(1 << 20, np.uint8)[:0]  # regrown where it is used
         return state
 
+    def for_thread(self) -> "BatchDecoder":
+        return BatchDecoder(self.samples, self.transform, self.seed, self.fast_dct, self.dct_scaling)
+
     def close(self) -> None:
-        for m in self._maps.values():
-            m.close()
-        self._maps.clear()
+        self.samples.close()
 
-    # -- bytes ---------------------------------------------------------------------------
-    def read_bytes(self, sid: int, raw: dict | None):
-        """The image member of sample `sid`: a view of the mapped shard, or from `raw` (remote)."""
-        if raw is not None:
-            return raw[sid][0]
-        s = int(self.table.shard[sid])
-        mm = self._maps.get(s)
-        if mm is None:
-            with open(self.table.urls[s], "rb") as f:
-                mm = self._maps[s] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        off, n = int(self.table.offset[sid]), int(self.table.size[sid])
-        if off + n > len(mm):
-            raise CorruptSample(f"member runs past the end of {self.table.urls[s]}")
-        return memoryview(mm)[off:off + n]
+    def params(self, epoch: int, ids, sizes: np.ndarray):
+        """Crop boxes and flips for samples `ids` (their RNG keys) on images of `sizes` (w, h)."""
+        return self.transform.params(self.seed, epoch, ids, sizes)
 
-    def label(self, sid: int, raw: dict | None) -> int:
-        return int(raw[sid][1]) if raw is not None else int(self.table.label[sid])
-
-    def read_headers(self, ids: list[int], raw: dict | None) -> tuple[dict, np.ndarray, dict[int, str]]:
-        """(bytes by id, (n, 2) header sizes as width, height, why each unreadable id failed).
-
-        An unreadable sample keeps a 1 x 1 size, so crop parameters can still be drawn for it."""
-        data, bad = {}, {}
-        sizes = np.ones((len(ids), 2), np.int64)
-        for i, sid in enumerate(ids):
-            try:
-                data[sid] = self.read_bytes(sid, raw)
-                sizes[i] = self.header_size(data[sid])
-            except CorruptSample as e:
-                bad[sid] = str(e)
-        return data, sizes, bad
-
-    # -- decode --------------------------------------------------------------------------
-    def header_size(self, data) -> tuple[int, int]:
-        """(width, height) from the image header; CorruptSample if it cannot be read."""
-        try:
-            if _jpeg is not None and bytes(data[:2]) == _JPEG_MAGIC:
-                w, h, _, _ = _jpeg.header(data)
-                return w, h
-            from PIL import Image
-
-            return Image.open(io.BytesIO(data)).size
-        except (ValueError, OSError, SyntaxError) as e:
-            raise CorruptSample(f"bad header: {e}") from None
-
-    def _decode_into(self, data, box, flip: bool, out: np.ndarray) -> None:
+    # -- one sample ------------------------------------------------------------------------------
+    def decode_into(self, data, box, flip: bool, out: np.ndarray, width: int) -> None:
+        """Decode `box` (left, top, w, h in source pixels) of an image `width` pixels wide, resize it
+        into `out` (H, W, 3) uint8 and flip it. CorruptSample if the data is damaged."""
         x0, y0, bw, bh = box
-        d = dct_denominator(bw, bh, self.cfg.image_size)
-        if _jpeg is not None and bytes(data[:2]) == _JPEG_MAGIC:
-            ix, iy = int(x0), int(y0)
-            iw, ih = int(np.ceil(x0 + bw)) - ix, int(np.ceil(y0 + bh)) - iy
-            # Room for the crop widened to iMCU edges (at most 2 x 16 px, scaled) on each row.
-            need = (iw // d + 40) * (ih // d + 2) * 3
-            if self._scratch.size < need:
-                self._scratch = np.empty(int(need * 1.25), np.uint8)
+        out_h, out_w = out.shape[:2]
+        d = dct_denominator(bw, bh, min(out_h, out_w)) if self.dct_scaling else 1
+        region = None
+        if _jpeg is not None and is_jpeg(data):
             try:
-                left, top, width, rows = _jpeg.decode_region(data, ix, iy, max(iw, 1), max(ih, 1), d,
-                                                             self._scratch, self.cfg.fast_dct)
-            except ValueError as e:
-                raise CorruptSample(str(e)) from None
-            region = self._scratch[:width * rows * 3].reshape(rows, width, 3)
-            box = (x0 / d - left, y0 / d - top, bw / d, bh / d)
-        else:
-            region, scale = self._decode_pil(data, d)
-            box = (x0 * scale, y0 * scale, bw * scale, bh * scale)
-        resize_crop_into(region, box, out, flip)
+                region, rbox = self._decode_jpeg(data, box, d, out_w, out_h, width)
+            except UnsupportedJPEG:
+                region = None  # CMYK, YCCK, ...: Pillow converts them
+        if region is None:
+            region, scale = _decode_pil(data, d)
+            rbox = (x0 * scale, y0 * scale, bw * scale, bh * scale)
+        resize_crop_into(region, rbox, out, flip)
 
-    @staticmethod
-    def _decode_pil(data, d: int):
-        from PIL import Image
-
+    def _decode_jpeg(self, data, box, d: int, out_w: int, out_h: int, width: int):
+        x0, y0, bw, bh = box
+        m = decode_margin(bw, bh, out_w, out_h, d)
+        ix, iy = max(int(x0) - m, 0), max(int(y0) - m, 0)
+        iw, ih = int(math.ceil(x0 + bw)) + m - ix, int(math.ceil(y0 + bh)) + m - iy
+        # At most every column of the image (the decoder may widen the box to iMCU edges, or to
+        # the full width), and the box's rows, at scale 1/d.
+        need = (width // d + 2) * (ih // d + 2) * 3
+        if self._scratch.size < need:
+            self._scratch = np.empty(int(need * 1.25), np.uint8)
         try:
-            im = Image.open(io.BytesIO(data))
-            w = im.width
-            if d > 1 and im.format == "JPEG":
-                im.draft("RGB", (im.width // d, im.height // d))
-            arr = np.asarray(im.convert("RGB"))
-        except (OSError, ValueError, SyntaxError) as e:
+            left, top, rw, rows = _jpeg.decode_region(data, ix, iy, iw, ih, d, self._scratch, self.fast_dct)
+        except CorruptJPEG as e:
             raise CorruptSample(str(e)) from None
-        return arr, arr.shape[1] / w
+        region = self._scratch[:rw * rows * 3].reshape(rows, rw, 3)
+        return region, (x0 / d - left, y0 / d - top, bw / d, bh / d)
 
+    # -- one batch -------------------------------------------------------------------------------
     def decode_batch(self, epoch: int, ids: np.ndarray, images: np.ndarray, labels: np.ndarray,
                      raw: dict | None = None) -> dict:
         """Fill images[:len(ids)] (uint8 NHWC) and labels[:len(ids)]; return timings and the
@@ -168,47 +162,32 @@ class BatchDecoder:
         t0 = time.perf_counter()
         ids = [int(s) for s in ids]
         pos = {sid: i for i, sid in enumerate(ids)}
-        data, sizes, bad = self.read_headers(ids, raw)
+        data, sizes, bad = self.samples.read_batch(ids, raw)
         boxes, flips = self.params(epoch, ids, sizes)
         t_read = time.perf_counter()
         corrupt = []
         for i, sid in enumerate(ids):
             if sid not in bad:
                 try:
-                    self._decode_into(data[sid], boxes[i], flips[i], images[i])
-                    labels[i] = self.label(sid, raw)
+                    self.decode_into(data[sid], boxes[i], flips[i], images[i], int(sizes[i, 0]))
+                    labels[i] = self.samples.label(sid, raw)
                     continue
                 except CorruptSample as e:
                     bad[sid] = str(e)
-            corrupt.append((sid, self.table.key(sid), bad[sid]))
-            for src in stand_ins(self.cfg.seed, epoch, sid, ids):
+            corrupt.append((sid, self.samples.table.key(sid), bad[sid]))
+            for src in stand_ins(self.seed, epoch, sid, ids):
                 if src in bad:
                     continue
-                b, f = self.params(epoch, [sid], sizes[pos[src]][None])
+                j = pos[src]
+                b, f = self.params(epoch, [sid], sizes[j][None])
                 try:
-                    self._decode_into(data[src], b[0], f[0], images[i])
-                    labels[i] = self.label(src, raw)
+                    self.decode_into(data[src], b[0], f[0], images[i], int(sizes[j, 0]))
+                    labels[i] = self.samples.label(src, raw)
                     break
                 except CorruptSample as e:
                     bad[src] = str(e)  # reported when its own turn comes
             else:
-                raise RuntimeError(f"epoch {epoch}: no decodable sample in the batch to replace "
-                                   f"{self.table.key(sid)} ({bad[sid]})")
+                raise CorruptSample(f"epoch {epoch}: no decodable sample in the batch to replace "
+                                    f"{self.samples.table.key(sid)} ({bad[sid]})")
         return {"read_s": t_read - t0, "decode_s": time.perf_counter() - t_read, "corrupt": corrupt,
                 "n": len(ids)}
-
-    def params(self, epoch: int, ids, sizes: np.ndarray):
-        """Crop boxes and flips for samples `ids` (their RNG keys) on images of `sizes` (w, h)."""
-        if self.cfg.train:
-            return train_params(self.cfg.seed, epoch, np.asarray(ids), sizes[:, 0], sizes[:, 1],
-                                self.cfg.scale, self.cfg.ratio)
-        return (val_params(sizes[:, 0], sizes[:, 1], self.cfg.image_size, self.cfg.val_resize),
-                np.zeros(len(ids), bool))
-
-
-def stand_ins(seed: int, epoch: int, sid: int, ids: list[int]):
-    """Candidate stand-ins for a corrupt sample `sid`, in order: samples of the same batch picked
-    by a hash of (seed, epoch, sid), so every backend and worker count picks the same ones."""
-    u = uniforms(seed, epoch, np.array([sid]), _MAX_REPLACEMENT_TRIES, stream=_REPLACE_STREAM)[0]
-    for v in u:
-        yield int(ids[int(v * len(ids))])

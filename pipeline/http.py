@@ -15,7 +15,11 @@ RETRYABLE = (urllib.error.URLError, HTTPException, ConnectionError, socket.timeo
 
 
 class HTTPReadError(OSError):
-    pass
+    """A read that failed for good; `status` is the HTTP status when the server refused it."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 def is_url(s: str) -> bool:
@@ -62,7 +66,7 @@ def http_stream(url: str, timeout: float = 30.0, retries: int = 6, backoff: floa
             raise HTTPReadError(f"connection closed at byte {got} of {total}")
         except urllib.error.HTTPError as e:
             if e.code in (401, 403, 404, 410):
-                raise HTTPReadError(f"{url}: HTTP {e.code} {e.reason}") from None
+                raise HTTPReadError(f"{url}: HTTP {e.code} {e.reason}", e.code) from None
             err: Exception = e
         except RETRYABLE as e:
             err = e

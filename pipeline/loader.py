@@ -1,33 +1,26 @@
-"""The public loader: `Loader(shards, ...)` picks a backend from the registry and exposes one
-contract, whatever the backend:
+"""`create_loader`: build the backend a name picks, and `PlannedLoader`, what the shard backends
+(cpu, nvjpeg, dali) share: the epoch plan, len, set_epoch and the resume state.
 
-    len(loader)                      batches per epoch, identical on every rank
-    loader.set_epoch(e)
-    for images, labels in loader:    images (B, 3, H, W) on `device`, labels int64 on `device`
-    loader.state_dict() / loader.load_state_dict(sd)   exact mid-epoch resume
-    loader.stats                     counters (samples, corrupt with keys, wait/decode/copy time)
+Every shard backend follows the same plan (`pipeline.plan`: which samples each rank sees in which
+batch) and draws every sample's crop and flip from the same counter-based RNG (`Transform`), so
+their batches hold the same samples with the same augmentation, and one backend's state resumes
+another's.
 """
 from __future__ import annotations
 
 import os
-import time
-from dataclasses import dataclass
+import sys
+import warnings
 
 import numpy as np
 import torch
 
-from kernels import resize
-from kernels.batch_resize import normalize_nhwc_fused
-from kernels.normalize import IMAGENET_MEAN, IMAGENET_STD, affine_constants, normalize_nhwc
-
 from . import plan
-from .decode import BatchDecoder, DecodeConfig
-from .remote import RemoteReader
+from .contract import BatchLoader, LoaderConfig
 from .source import SampleTable
 from .stats import LoaderStats
-from .workers import WorkerPool
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 def dist_rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -39,85 +32,99 @@ def dist_rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-@dataclass
-class LoaderConfig:
-    split: str = "train"
-    batch_size: int = 256
-    image_size: int = 224
-    device: str = "cuda"
-    workers: int = 8
-    seed: int = 49
-    rank: int = 0
-    world_size: int = 1
-    dtype: torch.dtype = torch.bfloat16
-    channels_last: bool = True
-    normalize: bool = True
-    drop_last: bool | None = None  # default: True for train, never for val
-    prefetch: int = 2  # batch slots per worker
-    worker_mode: str = "process"
-    shuffle_buffer: int = 4096  # remote shards only
-    val_resize: int | None = None
-    # libjpeg's fast integer IDCT and plain chroma upsampling: ~4 % more train throughput here;
-    # None means on for train (augmentation dwarfs the error) and off for val (exact pixels).
-    fast_dct: bool | None = None
-    mean: tuple = IMAGENET_MEAN
-    std: tuple = IMAGENET_STD
+def create_loader(shards, split: str = "train", batch_size: int = 256, image_size: int = 224,
+                  backend: str = "auto", device: str = "cuda", workers: int = 8, seed: int = 49,
+                  rank: int | None = None, world_size: int | None = None, dtype: torch.dtype = torch.bfloat16,
+                  channels_last: bool = True, normalize: bool = True, **options) -> BatchLoader:
+    """A loader over `shards` (a folder with manifest.json, a manifest URL, or a brace pattern of
+    tar paths/URLs) for one split, from the backend `backend` names ("auto", "cpu", "nvjpeg",
+    "dali", "synthetic"). Extra `options` are LoaderConfig fields (drop_last, prefetch,
+    worker_mode, start_method, shuffle_buffer, scale, ratio, val_resize, fast_dct, dct_scaling,
+    max_open_shards, mean, std). The result honours the `BatchLoader` contract."""
+    from .backends import BACKENDS, resolve_backend
 
-    @property
-    def train(self) -> bool:
-        return self.split == "train"
-
-
-class DeviceStage:
-    """Host uint8 batch -> device tensors: copy on a side stream created once, normalize there,
-    and make the consumer's stream wait for it (no host sync)."""
-
-    def __init__(self, cfg: LoaderConfig):
-        self.device = torch.device(cfg.device)
-        self.cfg = cfg
-        self.scale, self.shift = affine_constants(cfg.mean, cfg.std, self.device) if cfg.normalize else (None, None)
-        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor):
-        """Returns (images, labels, event): the host slot may be reused once `event` completed."""
-        cfg = self.cfg
-        dtype = cfg.dtype if cfg.normalize else torch.uint8
-        if self.device.type == "cpu":
-            x = normalize_nhwc(images, self.scale, self.shift, dtype, cfg.channels_last)
-            if x.data_ptr() == images.data_ptr():
-                x = x.clone(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
-            return x, labels.clone(), None
-        if self.stream is None:  # npu and others: plain async copies on the current stream
-            x = images.to(self.device, non_blocking=True)
-            y = labels.to(self.device, non_blocking=True)
-            return normalize_nhwc(x, self.scale, self.shift, dtype, cfg.channels_last), y, None
-        current = torch.cuda.current_stream(self.device)
-        with torch.cuda.stream(self.stream):
-            x = images.to(self.device, non_blocking=True)
-            y = labels.to(self.device, non_blocking=True)
-            if cfg.normalize and cfg.channels_last:
-                out = normalize_nhwc_fused(x, self.scale, self.shift, dtype)  # one Triton pass
-            else:
-                out = normalize_nhwc(x, self.scale, self.shift, dtype, cfg.channels_last)
-            event = torch.cuda.Event()
-            event.record(self.stream)
-        current.wait_stream(self.stream)
-        # The tensors were made on the side stream but are used on the consumer's: tell the
-        # caching allocator, or their memory could be reused while the model still reads it.
-        out.record_stream(current)
-        y.record_stream(current)
-        return out, y, event
+    rank, world_size = dist_rank_world(rank, world_size)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, {world_size})")
+    if batch_size < 1 or image_size < 8:
+        raise ValueError("batch_size must be >= 1 and image_size >= 8")
+    unknown = set(options) - set(LoaderConfig.__dataclass_fields__)
+    if unknown:
+        raise TypeError(f"create_loader: unknown option(s) {', '.join(sorted(unknown))}")
+    cfg = LoaderConfig(split=split, batch_size=batch_size, image_size=image_size, device=str(device),
+                       workers=workers, seed=seed, rank=rank, world_size=world_size, dtype=dtype,
+                       channels_last=channels_last, normalize=normalize, **options)
+    loader = BACKENDS[resolve_backend(backend, cfg.device)](shards, cfg)
+    if not isinstance(loader, BatchLoader):
+        raise TypeError(f"backend {backend!r} built a {type(loader).__name__}, which lacks the BatchLoader contract")
+    return loader
 
 
-class PlannedLoader:
-    """What every shard backend shares: the epoch plan, len, set_epoch and exact-resume state."""
+def Loader(*args, **kwargs) -> BatchLoader:
+    """Deprecated name of `create_loader` (it is a function, not a class)."""
+    warnings.warn("pipeline.Loader is now pipeline.create_loader", DeprecationWarning, stacklevel=2)
+    return create_loader(*args, **kwargs)
 
-    def __init__(self, table: SampleTable, cfg: LoaderConfig):
-        self.table = table
-        self.cfg = cfg
+
+class ResumableLoader:
+    """The epoch, the position in it and the resume state, for every backend. A subclass says
+    what its state must match (`_plan_key`), and its iteration starts at `_start()` and advances
+    `self._position` by one as it yields each batch."""
+
+    def __init__(self):
         self.epoch = 0
         self._resume_batch = 0
         self._position = 0
+
+    def _plan_key(self) -> dict:
+        raise NotImplementedError
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self._resume_batch = self._position = 0
+        self.epoch = epoch
+
+    def state_dict(self) -> dict:
+        """Resume right after the last batch this loader yielded."""
+        return {"version": STATE_VERSION, "epoch": self.epoch, "batch": self._position, **self._plan_key()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')!r}, this loader reads {STATE_VERSION}")
+        for k, mine in self._plan_key().items():
+            if state.get(k) != mine:
+                raise ValueError(f"loader state was saved with {k}={state.get(k)!r}, this loader has {k}={mine!r}")
+        self.epoch = int(state["epoch"])
+        self._resume_batch = self._position = int(state["batch"])
+
+    def _start(self) -> int:
+        """Where an iteration starts: where `load_state_dict` pointed, else the epoch's first batch."""
+        start, self._resume_batch = self._resume_batch, 0
+        self._position = start
+        return start
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class PlannedLoader(ResumableLoader):
+    """What every shard backend shares: the epoch plan, len and the resume state.
+
+    A subclass implements `__iter__` with `_begin()` (the epoch, its batches, the shard order for
+    remote streaming, and the first batch), advancing `self._position` by one as it yields each
+    batch, and `close()`.
+    """
+
+    def __init__(self, table: SampleTable, cfg: LoaderConfig):
+        super().__init__()
+        self.table = table
+        self.cfg = cfg
         self._plans: dict[int, tuple[list[np.ndarray], list[int] | None]] = {}
         self.stats = LoaderStats()
         if len(self) == 0:
@@ -128,19 +135,23 @@ class PlannedLoader:
     def _plan(self, epoch: int):
         if epoch not in self._plans:
             c = self.cfg
-            drop = c.train if c.drop_last is None else c.drop_last
             if not c.train:
                 batches = plan.val_batches(len(self.table), c.rank, c.world_size, c.batch_size)
                 mine = np.concatenate(batches) if batches else np.zeros(0, np.int64)
                 p = (batches, sorted(set(self.table.shard[mine].tolist())))  # natural order, own shards
             elif self.table.remote:
                 p = plan.train_batches_remote(self.table.shard_sizes, c.seed, epoch, c.rank, c.world_size,
-                                              c.batch_size, c.shuffle_buffer, drop)
+                                              c.batch_size, c.shuffle_buffer, c.drop)
             else:
                 p = (plan.train_batches_local(len(self.table), c.seed, epoch, c.rank, c.world_size, c.batch_size,
-                                              drop), None)
+                                              c.drop), None)
             self._plans = {epoch: p}
         return self._plans[epoch]
+
+    def batch_sample_ids(self, epoch: int | None = None) -> list[np.ndarray]:
+        """The sample ids (rows of `table`) of each batch this rank yields in `epoch` (default: the
+        current one), before any corrupt sample is replaced."""
+        return [b.copy() for b in self._plan(self.epoch if epoch is None else epoch)[0]]
 
     def __len__(self) -> int:
         return len(self._plan(self.epoch)[0])
@@ -150,131 +161,28 @@ class PlannedLoader:
         """Samples this rank sees per epoch (val: its share of the exactly-once split)."""
         return sum(len(b) for b in self._plan(self.epoch)[0])
 
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self._resume_batch = self._position = 0
-        self.epoch = epoch
+    @property
+    def num_classes(self) -> int | None:
+        return self.table.num_classes
 
-    # -- state --------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        return {"version": STATE_VERSION, "epoch": self.epoch, "batch": self._position, "seed": self.cfg.seed,
-                "world_size": self.cfg.world_size, "rank": self.cfg.rank, "batch_size": self.cfg.batch_size,
-                "samples": len(self.table)}
-
-    def load_state_dict(self, sd: dict) -> None:
-        for k in ("seed", "world_size", "batch_size", "samples"):
-            mine = self.cfg.seed if k == "seed" else (len(self.table) if k == "samples" else getattr(self.cfg, k))
-            if sd.get(k) != mine:
-                raise ValueError(f"loader state was saved with {k}={sd.get(k)}, this loader has {k}={mine}")
-        self.epoch = int(sd["epoch"])
-        self._resume_batch = self._position = int(sd["batch"])
+    def _plan_key(self) -> dict:
+        c = self.cfg
+        key = {"seed": c.seed, "world_size": c.world_size, "batch_size": c.batch_size, "samples": len(self.table),
+               "split": c.split, "drop_last": c.drop}
+        if self.table.remote and c.train:
+            key["shuffle_buffer"] = c.shuffle_buffer
+        return key
 
     def _begin(self):
-        """Start an iteration: (epoch, batches, shard order, first batch)."""
-        epoch = self.epoch
-        batches, shard_order = self._plan(epoch)
-        start, self._resume_batch = self._resume_batch, 0
-        self._position = start
-        return epoch, batches, shard_order, start
-
-    def close(self) -> None:
-        pass
+        """Start an iteration: (epoch, batches, shard order, first batch). An iteration starts
+        where `load_state_dict` pointed, else at the epoch's first batch."""
+        batches, shard_order = self._plan(self.epoch)
+        return self.epoch, batches, shard_order, self._start()
 
     def __del__(self):
+        if sys.is_finalizing():
+            return  # daemon threads are frozen, perhaps holding locks: the OS frees what is left
         try:
             self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown: nothing left to report to
+        except Exception:  # noqa: BLE001 - a finalizer has no caller to report to
             pass
-
-
-class ShardLoader(PlannedLoader):
-    """The CPU backend: workers decode into pinned shared host slots; see module docstring."""
-
-    def __init__(self, table: SampleTable, cfg: LoaderConfig):
-        super().__init__(table, cfg)
-        self.decoder = BatchDecoder(table, DecodeConfig(cfg.image_size, cfg.train, cfg.seed,
-                                                        val_resize=cfg.val_resize,
-                                                        fast_dct=cfg.train if cfg.fast_dct is None else cfg.fast_dct))
-        self.device_stage = DeviceStage(cfg)
-        self.slots = max(2, cfg.prefetch * max(cfg.workers, 1))
-        self._pool: WorkerPool | None = None
-        self._token = 0
-        self._outstanding = 0
-        self._images = self._labels = None
-
-    # -- workers ------------------------------------------------------------------------
-    def _ensure_pool(self) -> None:
-        if self._pool is not None:
-            return
-        c = self.cfg
-        shape = (self.slots, c.batch_size, c.image_size, c.image_size, 3)
-        self._images = torch.empty(shape, dtype=torch.uint8).share_memory_()
-        self._labels = torch.empty((self.slots, c.batch_size), dtype=torch.int64).share_memory_()
-        if self.device_stage.device.type == "cuda":
-            # Page-lock the shared slots in place: async copies without a staging buffer.
-            for t in (self._images, self._labels):
-                torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
-        self._slot_events: list = [None] * self.slots
-        n = max(c.workers, 1)
-        resize.warmup()
-        self._pool = WorkerPool(self.decoder, self._images, self._labels, n, c.worker_mode)
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.close()
-            self._pool = None
-        if self._images is not None and self.device_stage.device.type == "cuda":
-            for t in (self._images, self._labels):
-                torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
-            self._images = self._labels = None
-
-    # -- iteration ----------------------------------------------------------------------
-    def __iter__(self):
-        epoch, batches, shard_order, start = self._begin()
-        self._ensure_pool()
-        self._drain_stale()
-        self._token += 1
-        token = self._token
-        reader = None
-        if self.table.remote:
-            reader = RemoteReader(self.table, shard_order, batches, start, lookahead=self.slots + 1)
-        free = list(range(self.slots))
-        ready: dict[int, tuple[int, dict]] = {}
-        nxt = start
-        try:
-            while self._position < len(batches):
-                while free and nxt < len(batches):
-                    slot = free.pop()
-                    if self._slot_events[slot] is not None:
-                        self._slot_events[slot].synchronize()  # the copy out of this slot is done
-                        self._slot_events[slot] = None
-                    raw = reader.take(batches[nxt]) if reader is not None else None
-                    self._pool.submit((token, nxt, slot, epoch, batches[nxt], raw))
-                    self._outstanding += 1
-                    nxt += 1
-                t0 = time.perf_counter()
-                while self._position not in ready:
-                    tok, seq, slot, st = self._pool.get()
-                    self._outstanding -= 1
-                    if tok != token:
-                        continue
-                    ready[seq] = (slot, st)
-                t1 = time.perf_counter()
-                slot, st = ready.pop(self._position)
-                n = st["n"]
-                images, labels, event = self.device_stage(self._images[slot, :n], self._labels[slot, :n])
-                self._slot_events[slot] = event
-                free.append(slot)
-                self.stats.copy_s += time.perf_counter() - t1
-                self.stats.add_batch(n, t1 - t0, st["read_s"], st["decode_s"], st["corrupt"])
-                self._position += 1
-                yield images, labels
-        finally:
-            if reader is not None:
-                reader.stop()
-
-    def _drain_stale(self) -> None:
-        """Wait for tasks of an abandoned iteration: they still write into the slots."""
-        while self._outstanding > 0:
-            self._pool.get()
-            self._outstanding -= 1

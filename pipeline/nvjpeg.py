@@ -9,8 +9,10 @@ decoded) on one side stream created with the loader; the consumer's stream waits
 recorded after each batch, and the outputs are marked with `record_stream`.
 
 torchvision fails a whole batch when one JPEG is corrupt; the batch is then decoded image by
-image to find the bad ones, each is replaced deterministically by another sample of its batch
-(the CPU backend's rule) and counted in `stats`.
+image. An image the device decoder refuses is decoded on the CPU with the strict check
+(`decode_strict`): if that fails too, the data is damaged and the sample is replaced
+deterministically by another of its batch (the CPU backend's rule) and counted in `stats`; if it
+succeeds (a CMYK file, say), its CPU pixels are used. Out-of-memory and CUDA errors always raise.
 
 With device="cpu" the same code runs on torchvision's CPU decode_jpeg and the kernel's
 reference implementation; that is how it is tested without a GPU.
@@ -29,10 +31,18 @@ import torch
 from kernels.batch_resize import batch_crop_resize
 from kernels.normalize import affine_constants
 
-from .decode import BatchDecoder, DecodeConfig, stand_ins
-from .loader import LoaderConfig, PlannedLoader
+from .contract import LoaderConfig
+from .decode import decode_strict, stand_ins
+from .loader import PlannedLoader
 from .remote import RemoteReader
+from .samples import CorruptSample, SampleReader
 from .source import SampleTable
+
+
+def is_device_fault(error: BaseException) -> bool:
+    """Errors of the device itself, never of one image's bytes."""
+    msg = str(error)
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "CUDA error" in msg or "out of memory" in msg
 
 
 @dataclass
@@ -50,7 +60,7 @@ class NvjpegLoader(PlannedLoader):
         self.device = torch.device(cfg.device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())  # the feeder thread sets it
-        self.reader = BatchDecoder(table, DecodeConfig(cfg.image_size, cfg.train, cfg.seed, val_resize=cfg.val_resize))
+        self.samples = SampleReader(table, cfg.max_open_shards)  # shared by the read threads (it locks)
         self.scale, self.shift = affine_constants(cfg.mean, cfg.std, self.device)
         if not cfg.normalize:  # identity affine on 0..255, then cast back to uint8 below
             self.scale, self.shift = torch.full_like(self.scale, 1.0), torch.zeros_like(self.shift)
@@ -60,6 +70,7 @@ class NvjpegLoader(PlannedLoader):
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self.samples.close()
 
     # -- host side: bytes, headers, parameters --------------------------------------------------
     def _read(self, ids: np.ndarray, raw: dict | None) -> HostBatch:
@@ -67,9 +78,9 @@ class NvjpegLoader(PlannedLoader):
         ids = [int(s) for s in ids]
         # Headers are read here only to catch corrupt samples on the host; the crops are drawn
         # on the decoded images' sizes.
-        data, _, bad = self.reader.read_headers(ids, raw)
+        data, _, bad = self.samples.read_batch(ids, raw)
         blobs = [b"" if sid in bad else data[sid] for sid in ids]
-        labels = np.array([self.reader.label(sid, raw) for sid in ids], np.int64)
+        labels = np.array([self.samples.label(sid, raw) for sid in ids], np.int64)
         total = sum(len(b) for b in blobs)
         buf = torch.empty(total, dtype=torch.uint8, pin_memory=self._pin)
         host = buf.numpy()
@@ -92,12 +103,21 @@ class NvjpegLoader(PlannedLoader):
             imgs = decode_jpeg([hb.data[i] for i in good], mode=ImageReadMode.RGB, device=self.device)
             for i, t in zip(good, imgs):
                 out[i] = t
-        except RuntimeError:
-            for i in good:  # one bad JPEG fails the batch: find it
+        except RuntimeError as e:
+            if is_device_fault(e):
+                raise
+            for i in good:  # one image failed the batch: find it
                 try:
                     out[i] = decode_jpeg(hb.data[i], mode=ImageReadMode.RGB, device=self.device)
-                except RuntimeError as e:
-                    bad[hb.ids[i]] = f"nvjpeg: {str(e).splitlines()[0]}"
+                except RuntimeError as e1:
+                    if is_device_fault(e1):
+                        raise
+                    try:
+                        pixels = decode_strict(hb.data[i].numpy().tobytes())
+                    except CorruptSample as e2:
+                        bad[hb.ids[i]] = f"{e2} (nvjpeg: {str(e1).splitlines()[0]})"
+                        continue
+                    out[i] = torch.from_numpy(pixels.transpose(2, 0, 1).copy()).to(self.device)  # CHW, as decode_jpeg
         return out, bad
 
     def _assemble(self, epoch: int, hb: HostBatch):
@@ -116,9 +136,11 @@ class NvjpegLoader(PlannedLoader):
                     images[i], labels[i] = decoded[j], hb.labels[j]
                     break
             else:
-                raise RuntimeError(f"epoch {epoch}: no decodable sample to replace {self.table.key(sid)}")
+                raise CorruptSample(f"epoch {epoch}: no decodable sample in the batch to replace "
+                                    f"{self.table.key(sid)} ({bad[sid]})")
         # Each sample keeps its own RNG draws, applied to the image it actually got.
-        boxes, flips = self.reader.params(epoch, ids, np.array([[t.shape[2], t.shape[1]] for t in images]))
+        boxes, flips = self.cfg.transform.params(self.cfg.seed, epoch, ids,
+                                                 np.array([[t.shape[2], t.shape[1]] for t in images]))
         dtype = self.cfg.dtype if self.cfg.normalize else torch.float32
         x = batch_crop_resize(images, boxes, flips, self.cfg.image_size, self.scale, self.shift, dtype)
         if not self.cfg.normalize:

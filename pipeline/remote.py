@@ -12,7 +12,12 @@ import threading
 import numpy as np
 
 from .http import http_stream
+from .shard_format import decode_label
 from .source import SampleTable
+
+
+class ReaderStopped(RuntimeError):
+    """The stream was stopped while a batch was still awaited."""
 
 
 class RemoteReader:
@@ -88,7 +93,9 @@ class RemoteReader:
                     if self.stopped:
                         return pos
                     if sid in self.needed:
-                        label = int(bytes(buf[coff - base:coff - base + cn])) if coff >= 0 else -1
+                        label = int(t.label[sid])
+                        if label < 0 and coff >= 0:  # no label table: the .cls member, from the stream
+                            label = decode_label(buf[coff - base:coff - base + cn])
                         self.items[sid] = (bytes(buf[off - base:off + n - base]), label)
                         self.cv.notify_all()
                 pos += 1
@@ -101,13 +108,16 @@ class RemoteReader:
             raise OSError(f"shard {t.urls[s]} ended after {k} of {len(spans)} samples")
         return pos
 
-    def take(self, ids: np.ndarray, poll_s: float = 1.0) -> dict[int, tuple[bytes, int]]:
-        """Wait for and remove the bytes of `ids` (the next batch to dispatch)."""
+    def take(self, ids: np.ndarray, block: bool = True, poll_s: float = 1.0) -> dict[int, tuple[bytes, int]] | None:
+        """Remove and return the bytes and labels of `ids` (the next batch to dispatch); wait for
+        them when `block`, else return None if they have not all arrived."""
         want = [int(i) for i in ids]
         with self.cv:
             while True:
                 if self.error is not None:
                     raise self.error
+                if self.stopped:
+                    raise ReaderStopped("the shard stream was stopped")
                 if all(i in self.items for i in want):
                     out = {i: self.items.pop(i) for i in want}
                     self.dispatched += 1
@@ -116,6 +126,8 @@ class RemoteReader:
                 if self.done:
                     missing = [i for i in want if i not in self.items]
                     raise OSError(f"remote stream ended without samples {missing[:5]}")
+                if not block:
+                    return None
                 self.cv.wait(poll_s)
 
     def stop(self) -> None:

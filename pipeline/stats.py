@@ -1,4 +1,4 @@
-"""Loader counters, the same for every backend."""
+"""Loader counters: one meaning per field, in every backend."""
 from __future__ import annotations
 
 import logging
@@ -9,24 +9,34 @@ log = logging.getLogger("pipeline")
 
 @dataclass
 class LoaderStats:
-    samples: int = 0
-    batches: int = 0
-    corrupt: int = 0
-    corrupt_keys: list[str] = field(default_factory=list)
-    wait_s: float = 0.0      # main process blocked waiting for a batch
-    decode_s: float = 0.0    # summed over workers
-    read_s: float = 0.0      # summed over workers: bytes, headers, crop parameters
-    copy_s: float = 0.0      # host-to-device copy and normalization, as seen by the host
-    device_bytes: int = 0    # device memory the loader holds for its own buffers
+    """Counters since the loader was built.
 
-    def add_batch(self, n: int, wait_s: float, read_s: float, decode_s: float,
+    Times are host seconds. `wait_s` and `copy_s` are spent in the consumer's thread, so they add
+    up to what the loader costs the training loop; `read_s` and `decode_s` are summed over the
+    loader's own workers or threads, so they can exceed the wall time.
+    """
+
+    samples: int = 0         # samples delivered (corrupt ones replaced, so every batch is full)
+    batches: int = 0         # batches delivered
+    corrupt: int = 0         # samples that failed to decode and were replaced (each time)
+    corrupt_keys: list[str] = field(default_factory=list)  # "shard.tar:KEY" of each, once
+    wait_s: float = 0.0      # the consumer blocked in next(), waiting for a batch
+    read_s: float = 0.0      # workers: sample bytes, headers and augmentation parameters
+    decode_s: float | None = 0.0  # workers: decode and augment until the batch's pixels are done
+                                  # (device decoders: until the device work is issued); None
+                                  # where the backend cannot see it (dali decodes in its executor)
+    copy_s: float = 0.0      # the consumer handing a finished batch over (copy, normalize)
+    device_bytes: int = 0    # device memory the loader holds for its own buffers (peak)
+
+    def add_batch(self, n: int, wait_s: float, read_s: float, decode_s: float | None,
                   corrupt: list[tuple[int, str, str]]) -> None:
         """Count one delivered batch of `n` samples and its timings."""
         self.samples += n
         self.batches += 1
         self.wait_s += wait_s
         self.read_s += read_s
-        self.decode_s += decode_s
+        if decode_s is not None:
+            self.decode_s += decode_s
         self.record_corrupt(corrupt)
 
     def record_corrupt(self, corrupt: list[tuple[int, str, str]]) -> None:

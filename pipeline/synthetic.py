@@ -1,6 +1,7 @@
 """The synthetic backend: one device-resident random batch, yielded `len` times.
 
-It has the same contract and output spec as the real backends, so a training run on it
+It has the same contract, batch counts and output spec as the shard backends (the same plan
+sizes: equal train steps on every rank, val split exactly once), so a training run on it
 measures the model alone, with no loader cost (the DeepLearningExamples `synthetic` backend).
 """
 from __future__ import annotations
@@ -9,52 +10,56 @@ import torch
 
 from kernels.normalize import affine_constants, normalize_nhwc
 
+from . import plan
+from .contract import LoaderConfig
+from .loader import ResumableLoader
 from .stats import LoaderStats
 
 
-class SyntheticLoader:
-    def __init__(self, cfg, num_samples: int, num_classes: int = 1000):
+class SyntheticLoader(ResumableLoader):
+    def __init__(self, cfg: LoaderConfig, num_samples: int, num_classes: int = 1000):
+        super().__init__()
         self.cfg = cfg
-        self.epoch = 0
-        self._position = self._resume = 0
         self.stats = LoaderStats()
-        self.num_classes = num_classes
-        self.num_samples = num_samples // cfg.world_size
-        self._len = self.num_samples // cfg.batch_size if cfg.train else -(-self.num_samples // cfg.batch_size)
-        if self._len == 0:
-            raise ValueError(f"synthetic: {num_samples} samples give no batch of {cfg.batch_size}")
+        self.dataset_samples = num_samples
+        self._num_classes = num_classes
+        w, r, b = cfg.world_size, cfg.rank, cfg.batch_size
+        # The shard backends' batch sizes (the order does not matter here).
+        batches = plan.train_batches_local(num_samples, cfg.seed, 0, r, w, b, cfg.drop) if cfg.train \
+            else plan.val_batches(num_samples, r, w, b)
+        self._sizes = [len(ids) for ids in batches]
+        if not self._sizes or min(self._sizes) == 0:
+            raise ValueError(f"synthetic: {num_samples} samples give no batch of {b} on each of {w} rank(s)")
         device = torch.device(cfg.device)
         g = torch.Generator().manual_seed(cfg.seed)
-        raw = torch.randint(0, 256, (cfg.batch_size, cfg.image_size, cfg.image_size, 3), generator=g,
-                            dtype=torch.uint8).to(device)
+        raw = torch.randint(0, 256, (b, cfg.image_size, cfg.image_size, 3), generator=g, dtype=torch.uint8)
         scale, shift = affine_constants(cfg.mean, cfg.std, device) if cfg.normalize else (None, None)
         dtype = cfg.dtype if cfg.normalize else torch.uint8
-        self.images = normalize_nhwc(raw, scale, shift, dtype, cfg.channels_last)
-        self.labels = torch.randint(0, num_classes, (cfg.batch_size,), generator=g).to(device)
+        self.images = normalize_nhwc(raw.to(device), scale, shift, dtype, cfg.channels_last)
+        self.labels = torch.randint(0, num_classes, (b,), generator=g).to(device)
         self.stats.device_bytes = self.images.numel() * self.images.element_size()
 
     def __len__(self) -> int:
-        return self._len
+        return len(self._sizes)
 
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self._position = self._resume = 0
-        self.epoch = epoch
+    @property
+    def num_samples(self) -> int:
+        return sum(self._sizes)
 
-    def state_dict(self) -> dict:
-        return {"version": 1, "epoch": self.epoch, "batch": self._position, "backend": "synthetic"}
+    @property
+    def num_classes(self) -> int:
+        return self._num_classes
 
-    def load_state_dict(self, sd: dict) -> None:
-        self.epoch = int(sd["epoch"])
-        self._position = self._resume = int(sd["batch"])
+    def _plan_key(self) -> dict:
+        c = self.cfg
+        return {"seed": c.seed, "world_size": c.world_size, "batch_size": c.batch_size,
+                "samples": self.dataset_samples, "split": c.split, "drop_last": c.drop}
 
     def __iter__(self):
-        self._position, self._resume = self._resume, 0
-        while self._position < self._len:
+        self._start()
+        while self._position < len(self._sizes):
+            n = self._sizes[self._position]
             self._position += 1
             self.stats.batches += 1
-            self.stats.samples += self.cfg.batch_size
-            yield self.images, self.labels
-
-    def close(self) -> None:
-        pass
+            self.stats.samples += n
+            yield self.images[:n], self.labels[:n]

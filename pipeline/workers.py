@@ -1,8 +1,9 @@
 """Decode workers: processes (or threads) that fill shared host batch slots.
 
 A task is (token, seq, slot, epoch, sample ids, raw bytes or None); a worker decodes the batch
-straight into slot `slot` of the shared ring and answers (token, seq, slot, stats or error).
-Only ids and small results cross the process boundary; pixels never do.
+straight into slot `slot` of the shared ring and answers (token, seq, slot, stats, error): every
+task is answered exactly once, failed or not. Only ids and small results cross the process
+boundary; pixels never do.
 
 The main process never blocks on a dead worker: it waits on the result queue with a timeout
 and checks every worker's exit code in between, so a worker killed by the OOM killer or a
@@ -35,16 +36,18 @@ def _serve(decoder: BatchDecoder, images: torch.Tensor, labels: torch.Tensor, ta
         try:
             stats = decoder.decode_batch(epoch, ids, img_np[slot], lab_np[slot], raw)
             results.put((token, seq, slot, stats, None))
-        except Exception as e:  # noqa: BLE001 - reported to the main process, which raises it
+        except Exception as e:  # noqa: BLE001 - answered to the main process, which raises it
             results.put((token, seq, slot, None, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
-    decoder.close()
 
 
 def _process_main(decoder, images, labels, tasks, results) -> None:
     # Ctrl-C goes to the main process, which shuts the workers down in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
-    _serve(decoder, images, labels, tasks, results)
+    try:
+        _serve(decoder, images, labels, tasks, results)
+    finally:
+        decoder.close()  # this process's shard maps (threads share their owner's, who closes them)
 
 
 class WorkerPool:
@@ -56,6 +59,9 @@ class WorkerPool:
             import torch.multiprocessing as mp
 
             ctx = mp.get_context(start_method or ("fork" if os.name == "posix" else "spawn"))
+            if ctx.get_start_method() == "forkserver":
+                # The server process imports what the workers need once; each worker forks from it.
+                ctx.set_forkserver_preload(["pipeline.workers", "pipeline.decode", "kernels.resize"])
             self.tasks, self.results = ctx.SimpleQueue(), ctx.Queue()
             for i in range(workers):
                 p = ctx.Process(target=_process_main, args=(decoder, images, labels, self.tasks, self.results),
@@ -65,9 +71,9 @@ class WorkerPool:
         elif mode == "thread":
             self.tasks, self.results = queue.SimpleQueue(), queue.SimpleQueue()
             for i in range(workers):
-                # One decoder per thread: each keeps its own scratch buffer.
-                t = threading.Thread(target=_serve, args=(BatchDecoder(decoder.table, decoder.cfg), images, labels,
-                                                          self.tasks, self.results),
+                # One decoder per thread (its own scratch buffer), one shared sample reader.
+                t = threading.Thread(target=_serve, args=(decoder.for_thread(), images, labels, self.tasks,
+                                                          self.results),
                                      name=f"loader-worker-{i}", daemon=True)
                 t.start()
                 self.workers.append(t)
@@ -79,16 +85,20 @@ class WorkerPool:
         self.tasks.put(task)
 
     def get(self, poll_s: float = 1.0):
-        """Next result; raises WorkerError if a worker died or a task failed."""
+        """Next answer (token, seq, slot, stats, error); raises WorkerError if a worker died."""
         while True:
             self.check_alive()  # a dead worker is an error even if others could cover for it
             try:
-                token, seq, slot, stats, error = self.results.get(timeout=poll_s)
+                return self.results.get(timeout=poll_s)
             except queue.Empty:
                 continue
-            if error is not None:
-                raise WorkerError(f"loader worker failed on batch {seq}: {error}")
-            return token, seq, slot, stats
+
+    def alive(self) -> bool:
+        try:
+            self.check_alive()
+            return True
+        except WorkerError:
+            return False
 
     def check_alive(self) -> None:
         for w in self.workers:

@@ -95,13 +95,52 @@ def colour_shards(tmp_path_factory) -> Path:
     return base / "shards"
 
 
+def coordinate_image(w: int, h: int, k: int, cls: int) -> np.ndarray:
+    """An image whose pixels say where they are: red is the column (rising left to right, or right
+    to left in odd images), green the row, blue the class; a crop, scale or flip that is off shows
+    as a colour error proportional to the offset. A fine luma texture (periods of 5 to 9 px, its
+    phase set by `k`) on top shows a resize or a decode that blurs or aliases."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    red = xx / (w - 1) if k % 2 == 0 else 1 - xx / (w - 1)
+    texture = 14 * np.sin(xx * 0.9 + k) * np.sin(yy * 0.7 + 2 * k) + 8 * np.sin((xx + 2 * yy) * 1.3)
+    rgb = np.stack([20 + 215 * red, 20 + 215 * yy / (h - 1), np.full_like(xx, 40 + 60 * cls)], -1)
+    return np.clip(rgb + texture[..., None], 0, 255).round().astype(np.uint8)
+
+
+def make_coordinate_folder(root: Path, per_class: int = 8, val_per_class: int = 4, classes: int = 3) -> Path:
+    """ImageFolder of coordinate images of ImageNet-like spread of sizes (48 to 480 px), q95 4:2:0."""
+    rng = np.random.default_rng(11)
+    k = 0
+    for split, n in (("train", per_class), ("val", val_per_class)):
+        for cls in range(classes):
+            d = root / split / f"c{cls}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                w, h = int(rng.integers(48, 481)), int(rng.integers(48, 481))
+                Image.fromarray(coordinate_image(w, h, k, cls)).save(d / f"{i}.JPEG", quality=95)
+                k += 1
+    return root
+
+
+@pytest.fixture(scope="session")
+def coord_shards(tmp_path_factory) -> Path:
+    """Converted coordinate images: 24 train, 12 val, 3 classes."""
+    from convert.imagenet_to_shards import convert
+
+    base = tmp_path_factory.mktemp("coord")
+    make_coordinate_folder(base / "src")
+    convert(base / "src", base / "shards", shard_size_mb=0.05, workers=1, progress=False)
+    return base / "shards"
+
+
 @pytest.fixture
 def corrupt_shards(colour_shards, tmp_path) -> tuple[Path, set[str]]:
-    """A copy of the colour shards with three JPEG members damaged in place."""
+    """A copy of the colour shards with four damaged JPEG members: three without a JPEG header,
+    and one whose header is intact but whose scan data is missing (cut right after the SOS
+    segment: every decoder reads the header and then fails)."""
     import shutil
 
-    from convert.manifest import load_manifest
-    from convert.tarwriter import read_dali_index
+    from pipeline.shard_format import load_manifest, read_index
 
     out = tmp_path / "corrupt"
     shutil.copytree(colour_shards, out)
@@ -109,14 +148,37 @@ def corrupt_shards(colour_shards, tmp_path) -> tuple[Path, set[str]]:
     bad = set()
     for shard, pos in ((0, 1), (1, 0), (2, 2)):
         entry = m["splits"]["train"]["shards"][shard]
-        members = read_dali_index(out / entry["index"])[pos]
+        key, members = read_index(out / entry["index"])[pos]
         off, size = members["jpg"]
         with open(out / entry["name"], "r+b") as f:
             f.seek(off)
             f.write(b"NOTAJPEG" * 4)  # no SOI marker: the header read fails
-        lines = (out / entry["index"]).read_text().splitlines()
-        bad.add(f"{entry['name']}:{lines[pos + 1].split()[3].split('.')[0]}")
+        bad.add(f"{entry['name']}:{key}")
+
+    def cut_after_sos(members: dict) -> dict:
+        jpg = members["jpg"]
+        sos = jpg.index(b"\xff\xda")
+        return {**members, "jpg": jpg[:sos + 2 + int.from_bytes(jpg[sos + 2:sos + 4], "big")]}
+
+    bad.add(rewrite_shard(out, "train", 3, 1, cut_after_sos))
     return out, bad
+
+
+def rewrite_shard(folder: Path, split: str, shard: int, pos: int, edit) -> str:
+    """Rewrite one shard of a converted dataset with sample `pos`'s members passed through `edit`,
+    keeping its manifest entry consistent (bytes, sha256); returns "shard.tar:KEY" of the sample."""
+    from pipeline.shard_format import ShardWriter, load_manifest, read_index, write_manifest
+
+    m = load_manifest(folder)
+    entry = m["splits"][split]["shards"][shard]
+    raw = (folder / entry["name"]).read_bytes()
+    samples = [(k, {ext: raw[o:o + n] for ext, (o, n) in mem.items()}) for k, mem in read_index(folder / entry["index"])]
+    with ShardWriter(folder / entry["name"]) as w:
+        for i, (k, mem) in enumerate(samples):
+            w.write(k, edit(mem) if i == pos else mem)
+        entry["bytes"], entry["sha256"] = w.close()
+    write_manifest(folder, m)
+    return f"{entry['name']}:{samples[pos][0]}"
 
 
 def collect(loader, limit: int | None = None) -> list[tuple]:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import collect
-from pipeline import Loader
+from pipeline import create_loader
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -44,8 +44,8 @@ def test_fused_normalize_on_cuda():
 @pytest.mark.parametrize("backend", ["cpu", "nvjpeg"])
 def test_backends_on_cuda_match_cpu_output(colour_shards, backend):
     kw = dict(batch_size=8, image_size=32, workers=2, normalize=False, seed=3)
-    dev = [(x.cpu(), y.cpu()) for x, y in Loader(colour_shards, backend=backend, device="cuda", **kw)]
-    ref = collect(Loader(colour_shards, backend="cpu", device="cpu", **kw))
+    dev = [(x.cpu(), y.cpu()) for x, y in create_loader(colour_shards, backend=backend, device="cuda", **kw)]
+    ref = collect(create_loader(colour_shards, backend="cpu", device="cpu", **kw))
     assert len(dev) == len(ref)
     for (a, la), (b, lb) in zip(dev, ref):
         assert torch.equal(la, lb)
@@ -55,7 +55,7 @@ def test_backends_on_cuda_match_cpu_output(colour_shards, backend):
 @cuda
 def test_nvjpeg_corrupt_samples_on_cuda(corrupt_shards):
     path, bad = corrupt_shards
-    loader = Loader(path, backend="nvjpeg", device="cuda", batch_size=6, image_size=24, workers=2, drop_last=False)
+    loader = create_loader(path, backend="nvjpeg", device="cuda", batch_size=6, image_size=24, workers=2, drop_last=False)
     n = sum(len(y) for _, y in loader)
     assert n == 60 and set(loader.stats.corrupt_keys) == bad
 

@@ -5,6 +5,7 @@ import http.server
 import json
 import logging
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +13,8 @@ import pytest
 import torch
 
 from conftest import assert_resumes_exactly, collect
-from convert.manifest import ManifestError, load_manifest
-from pipeline import Loader
+from pipeline.shard_format import ManifestError, load_manifest
+from pipeline import create_loader
 from pipeline.http import HTTPReadError, http_get
 
 
@@ -21,7 +22,7 @@ def test_corrupt_samples_are_counted_replaced_and_deterministic(corrupt_shards, 
     path, bad = corrupt_shards
     kw = dict(batch_size=6, image_size=24, device="cpu", normalize=False, seed=5)
     with caplog.at_level(logging.WARNING, logger="pipeline"):
-        loader = Loader(path, workers=2, drop_last=False, **kw)
+        loader = create_loader(path, workers=2, drop_last=False, **kw)
         a = collect(loader)
         collect(loader)  # a second pass of the same epoch: counted again, logged once
     assert sum(len(y) for _, y in a) == 60  # every batch stays full
@@ -29,7 +30,7 @@ def test_corrupt_samples_are_counted_replaced_and_deterministic(corrupt_shards, 
     assert loader.stats.corrupt == 2 * len(bad)
     logged = [r.getMessage() for r in caplog.records if "corrupt sample" in r.getMessage()]
     assert len(logged) == len(bad) and all(any(k in m for m in logged) for k in bad)
-    b = collect(Loader(path, workers=1, drop_last=False, **kw))
+    b = collect(create_loader(path, workers=1, drop_last=False, **kw))
     for (x1, y1), (x2, y2) in zip(a, b):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
 
@@ -38,6 +39,7 @@ class _RangeHandler(http.server.SimpleHTTPRequestHandler):
     """Serves a folder with Range support; drops every other shard transfer halfway."""
 
     flaky = True
+    delay = 0.0  # seconds before each response
     counter = {"n": 0}
 
     def log_message(self, *args):
@@ -49,6 +51,7 @@ class _RangeHandler(http.server.SimpleHTTPRequestHandler):
             self.send_error(404)
             return
         data = path.read_bytes()
+        time.sleep(self.delay)
         start = 0
         rng = self.headers.get("Range")
         if rng and rng.startswith("bytes="):
@@ -94,8 +97,8 @@ def test_http_get_resumes_a_dropped_transfer(server, colour_shards):
 def test_remote_val_equals_local_val(server, colour_shards):
     base, _ = server
     kw = dict(split="val", batch_size=5, image_size=24, device="cpu", workers=2, normalize=False)
-    local = collect(Loader(colour_shards, **kw))
-    remote = collect(Loader(f"{base}/manifest.json", **kw))
+    local = collect(create_loader(colour_shards, **kw))
+    remote = collect(create_loader(f"{base}/manifest.json", **kw))
     assert len(local) == len(remote)
     for (a, la), (b, lb) in zip(local, remote):
         assert torch.equal(a, b) and torch.equal(la, lb)
@@ -105,14 +108,24 @@ def test_remote_train_equal_ranks_and_exact_resume(server):
     base, _ = server
     url = f"{base}/manifest.json"
     kw = dict(batch_size=4, image_size=24, device="cpu", workers=1, normalize=False, shuffle_buffer=10, seed=2)
-    ranks = [Loader(url, rank=r, world_size=2, **kw) for r in range(2)]
+    ranks = [create_loader(url, rank=r, world_size=2, **kw) for r in range(2)]
     assert len(ranks[0]) == len(ranks[1]) > 0
     got = [collect(r) for r in ranks]
     assert [len(g) for g in got] == [len(ranks[0])] * 2
-    full = collect(Loader(url, **kw))
-    assert_resumes_exactly(lambda: Loader(url, **kw), 3)
-    # A shard-level shuffle: the order of labels differs from the local full permutation's.
-    assert sum(len(y) for _, y in full) == len(full) * 4
+    assert_resumes_exactly(lambda: create_loader(url, **kw), 3)
+    # A shard-level shuffle: each epoch streams the shards in another order, the shuffle buffer
+    # mixes within that stream, and the epochs differ.
+    one = create_loader(url, **kw)
+    orders = []
+    for epoch in range(3):
+        one.set_epoch(epoch)
+        orders.append(np.concatenate(one.batch_sample_ids()))
+    starts = one.table.shard_starts
+    shard_of = [np.searchsorted(starts, o, side="right") - 1 for o in orders]
+    first_seen = [list(dict.fromkeys(s.tolist())) for s in shard_of]
+    assert len({tuple(f) for f in first_seen}) > 1  # the shard order changes with the epoch
+    assert any((np.diff(o) != 1).mean() > 0.5 for o in orders)  # not read in tar order
+    assert all(len(o) == len(set(o.tolist())) for o in orders)
 
 
 def _manifest_with(names: list[str], classes=("a",)) -> dict:
@@ -127,7 +140,7 @@ def test_hostile_local_manifest_is_refused(tmp_path, name):
     (tmp_path / "ds").mkdir()
     (tmp_path / "ds" / "manifest.json").write_text(json.dumps(_manifest_with([name.format(marker=marker)])))
     with pytest.raises(ManifestError, match="refused"):
-        Loader(tmp_path / "ds", device="cpu")
+        create_loader(tmp_path / "ds", device="cpu")
     assert not marker.exists()
 
 
@@ -138,19 +151,19 @@ def test_hostile_remote_manifest_is_refused(server, colour_shards, name):
     (colour_shards.parent / "hostile.json").write_text(json.dumps(_manifest_with([name])))
     # Served from the folder above the shards: "../" would reach the filesystem root's side.
     with pytest.raises(ManifestError, match="refused"):
-        Loader(base.rsplit("/", 1)[0] + "/hostile.json", device="cpu")
+        create_loader(base.rsplit("/", 1)[0] + "/hostile.json", device="cpu")
 
 
 def test_brace_pattern_of_local_tars(colour_shards):
     names = [s["name"] for s in load_manifest(colour_shards)["splits"]["val"]["shards"]]
     assert len(names) > 1
     pattern = str(colour_shards / f"val-{{000000..{len(names) - 1:06d}}}.tar")
-    loader = Loader(pattern, split="val", batch_size=6, image_size=24, device="cpu", workers=1, normalize=False)
-    ref = Loader(colour_shards, split="val", batch_size=6, image_size=24, device="cpu", workers=1, normalize=False)
+    loader = create_loader(pattern, split="val", batch_size=6, image_size=24, device="cpu", workers=1, normalize=False)
+    ref = create_loader(colour_shards, split="val", batch_size=6, image_size=24, device="cpu", workers=1, normalize=False)
     for (a, la), (b, lb) in zip(collect(loader), collect(ref)):
         assert torch.equal(a, b) and torch.equal(la, lb)
     with pytest.raises(Exception, match="pipe"):
-        Loader("pipe:cat x.tar", device="cpu")
+        create_loader("pipe:cat x.tar", device="cpu")
 
 
 def test_crop_parameters_follow_torchvision_distribution():
@@ -182,3 +195,230 @@ def test_val_box_is_torchvision_resize_then_center_crop():
     s = 375 / 256
     assert np.allclose(box[0], [round((341 - 224) / 2) * 500 / 341, 16 * s, 224 * 500 / 341, 224 * s])
     assert np.allclose(box[1], [16 * s, round((341 - 224) / 2) * 500 / 341, 224 * s, 224 * 500 / 341])
+
+
+# -- a pattern names one split --------------------------------------------------------------------
+
+def test_a_pattern_is_checked_against_its_split(colour_shards, tmp_path):
+    from pipeline import ShardError
+
+    names = [s["name"] for s in load_manifest(colour_shards)["splits"]["train"]["shards"]]
+    pattern = f"train-{{000000..{len(names) - 1:06d}}}.tar"
+    # With the manifest beside the shards: it says which split they are.
+    with pytest.raises(ShardError, match="belongs to split 'train'.*not to split 'val'"):
+        create_loader(str(colour_shards / pattern), split="val", device="cpu")
+    ok = create_loader(str(colour_shards / pattern), device="cpu", batch_size=8, image_size=16, workers=1)
+    assert ok.num_classes == 6 and ok.table.labels_known
+    # Without one: a split in the file names must match.
+    import shutil
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for n in names:
+        shutil.copy(colour_shards / n, bare / n)
+    with pytest.raises(ShardError, match="its name says split 'train', not 'val'"):
+        create_loader(str(bare / pattern), split="val", device="cpu")
+    loader = create_loader(str(bare / pattern), device="cpu", batch_size=8, image_size=16, workers=1)
+    assert loader.num_classes == 6  # from the .cls members: no .idx, no manifest
+    assert torch.equal(torch.cat([y for _, y in collect(loader)]), torch.cat([y for _, y in collect(ok)]))
+
+
+def test_train_run_never_validates_on_train_shards(colour_shards, tmp_path):
+    from train.config import parse_args
+    from train.devices import resolve_device
+    from train.run import DistInfo, build_loaders
+
+    names = [s["name"] for s in load_manifest(colour_shards)["splits"]["train"]["shards"]]
+    pattern = str(colour_shards / f"train-{{000000..{len(names) - 1:06d}}}.tar")
+    cfg, _ = parse_args(["--shards", pattern, "--device", "cpu", "-b", "8", "-j", "1", "--image-size", "16"])
+    train, val = build_loaders(cfg, resolve_device("cpu"), DistInfo(), torch.float32)
+    assert len(train) == 60 // 8 and val is None  # a warning, and no val "accuracy" measured on train
+
+
+def test_remote_pattern_learns_its_classes_from_the_manifest_beside_it(server, colour_shards, tmp_path):
+    from train.run import num_classes
+
+    base, _ = server
+    names = [s["name"] for s in load_manifest(colour_shards)["splits"]["val"]["shards"]]
+    url = f"{base}/val-{{000000..{len(names) - 1:06d}}}.tar"
+    loader = create_loader(url, split="val", device="cpu", batch_size=6, image_size=16, workers=1)
+    assert num_classes(loader) == 6 and loader.table.labels_known
+    with pytest.raises(Exception, match="belongs to split 'val'"):
+        create_loader(url, split="train", device="cpu")
+    # Served without the manifest: labels arrive only with the stream, so the class count is
+    # unknown, and the trainer says what is missing instead of building a 1-class model.
+    (colour_shards / "manifest.json").rename(tmp_path / "manifest.json")
+    try:
+        blind = create_loader(url, split="val", device="cpu", batch_size=6, image_size=16, workers=1)
+        assert blind.num_classes is None
+        with pytest.raises(Exception, match="manifest.json"):
+            num_classes(blind)
+        assert torch.equal(torch.cat([y for _, y in collect(blind)]), torch.cat([y for _, y in collect(loader)]))
+    finally:
+        (tmp_path / "manifest.json").rename(colour_shards / "manifest.json")
+
+
+# -- errors in the workers ------------------------------------------------------------------------
+
+def _run_with_timeout(fn, seconds: float = 60):
+    """fn() in a thread; its result, or an AssertionError if it hangs."""
+    out: dict = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed back to the test
+            out["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), "the loader hung"
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def test_a_failed_task_raises_and_the_next_iteration_does_not_hang(colour_shards, monkeypatch):
+    from pipeline.decode import BatchDecoder
+    from pipeline.workers import WorkerError
+
+    real = BatchDecoder.decode_batch
+    calls = []
+
+    def fails_once(self, epoch, ids, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("a bug in batch 2")
+        return real(self, epoch, ids, *a, **k)
+
+    monkeypatch.setattr(BatchDecoder, "decode_batch", fails_once)
+    loader = create_loader(colour_shards, batch_size=6, image_size=16, device="cpu", workers=2,
+                           worker_mode="thread", prefetch=2)
+    with pytest.raises(WorkerError, match="a bug in batch 2"):
+        _run_with_timeout(lambda: collect(loader))
+    assert len(_run_with_timeout(lambda: collect(loader))) == len(loader)  # answered, not hung
+
+
+def test_bugs_in_the_decoder_raise_instead_of_being_counted_as_corrupt(colour_shards, monkeypatch):
+    from pipeline import decode
+    from pipeline.workers import WorkerError
+
+    def too_small(*a, **k):
+        raise ValueError("decode_region: output buffer too small")
+
+    monkeypatch.setattr(decode._jpeg, "decode_region", too_small)
+    loader = create_loader(colour_shards, batch_size=6, image_size=16, device="cpu", workers=1, worker_mode="thread")
+    with pytest.raises(WorkerError, match="output buffer too small"):
+        collect(loader)
+    assert loader.stats.corrupt == 0
+
+
+# -- file descriptors -----------------------------------------------------------------------------
+
+FD_CHECK = r"""
+import resource, sys
+sys.path.insert(0, {tests!r})
+from conftest import collect
+from pipeline import create_loader
+resource.setrlimit(resource.RLIMIT_NOFILE, (96, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+for backend, mode in (("cpu", "thread"), ("cpu", "process"), ("nvjpeg", "thread")):
+    loader = create_loader({shards!r}, backend=backend, worker_mode=mode, batch_size=16, image_size=16,
+                           device="cpu", workers=3, max_open_shards=24)
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        assert len(collect(loader)) == len(loader)
+    loader.close()
+    assert loader.samples.open_maps == 0
+print("ok")
+"""
+
+
+def test_open_shard_maps_are_bounded_under_a_low_descriptor_limit(tmp_path):
+    """~250 one-sample shards, read at random by 3 threads, under a 96-descriptor limit."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, make_colour_folder
+    from convert.imagenet_to_shards import convert
+
+    make_colour_folder(tmp_path / "src", per_class=40, val_per_class=1)
+    convert(tmp_path / "src", tmp_path / "shards", shard_size_mb=1e-6, workers=2, progress=False)
+    assert len(load_manifest(tmp_path / "shards")["splits"]["train"]["shards"]) == 240
+    code = FD_CHECK.format(tests=str(ROOT / "tests"), shards=str(tmp_path / "shards"))
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
+# -- the device stage and worker start ------------------------------------------------------------
+
+def test_accelerators_without_a_cuda_stream_wait_for_the_copy_before_a_slot_is_reused(monkeypatch):
+    """npu, xpu, ...: the copy out of a host slot may still run when the slot is refilled."""
+    from pipeline.contract import LoaderConfig
+    from pipeline.device import DeviceStage
+
+    recorded = []
+
+    class FakeEvent:
+        def record(self, stream):
+            recorded.append(stream)
+
+        def synchronize(self):
+            pass
+
+    class FakeModule:
+        Event = FakeEvent
+
+        @staticmethod
+        def current_stream(device):
+            return f"stream of {device}"
+
+    stage = DeviceStage(LoaderConfig(device="cpu", normalize=False))
+    stage.device, stage.module = torch.device("meta"), FakeModule  # an accelerator with streams and events
+    images, labels = torch.zeros(2, 4, 4, 3, dtype=torch.uint8), torch.zeros(2, dtype=torch.int64)
+    x, y, event = stage(images, labels)
+    assert isinstance(event, FakeEvent) and recorded == ["stream of meta"]
+    stage.module = None  # no events: a blocking copy, which needs none
+    assert stage(images, labels)[2] is None
+
+
+def test_workers_start_from_a_forkserver_once_cuda_is_initialised(colour_shards, monkeypatch):
+    from pipeline.cpu import pick_start_method
+
+    assert pick_start_method(None) == "fork"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    assert pick_start_method(None) == "forkserver" and pick_start_method("spawn") == "spawn"
+    monkeypatch.undo()
+    kw = dict(batch_size=8, image_size=16, device="cpu", workers=2, normalize=False, seed=6)
+    forked = collect(create_loader(colour_shards, **kw))
+    served = collect(create_loader(colour_shards, start_method="forkserver", **kw))
+    assert all(torch.equal(a, b) and torch.equal(la, lb) for (a, la), (b, lb) in zip(forked, served))
+
+
+def test_loader_is_a_deprecated_name_of_create_loader(colour_shards):
+    from pipeline import Loader
+
+    with pytest.warns(DeprecationWarning, match="create_loader"):
+        loader = Loader(colour_shards, device="cpu", batch_size=8)
+    assert len(loader) == 60 // 8
+
+
+# -- the remote stream ----------------------------------------------------------------------------
+
+def test_waiting_on_a_slow_stream_is_counted_and_a_stopped_stream_does_not_block(server):
+    from pipeline.remote import ReaderStopped, RemoteReader
+
+    base, handler = server
+    handler.flaky, handler.delay = False, 0.4  # every request waits: the stream is the bottleneck
+    loader = create_loader(f"{base}/manifest.json", batch_size=6, image_size=16, device="cpu", workers=1)
+    t0 = time.perf_counter()
+    collect(loader)
+    elapsed = time.perf_counter() - t0
+    assert loader.stats.wait_s > 0.5 * elapsed, (loader.stats.wait_s, elapsed)
+
+    ids = loader.batch_sample_ids()
+    reader = RemoteReader(loader.table, loader._plan(0)[1], ids, 0, lookahead=1)
+    threading.Timer(0.3, reader.stop).start()
+    with pytest.raises(ReaderStopped):
+        _run_with_timeout(lambda: reader.take(np.array([10 ** 9])), seconds=20)  # never arrives

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT, assert_resumes_exactly, collect
-from pipeline import Loader
+from pipeline import create_loader
 
 KERNEL_CHECK = r"""
 import numpy as np, torch
@@ -55,8 +55,8 @@ def test_triton_kernels_match_reference_in_interpreter():
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_nvjpeg_backend_on_cpu_matches_cpu_backend(colour_shards, split):
     kw = dict(split=split, batch_size=8, image_size=32, device="cpu", workers=2, normalize=False, seed=3)
-    nv = collect(Loader(colour_shards, backend="nvjpeg", **kw))
-    cpu = collect(Loader(colour_shards, backend="cpu", **kw))
+    nv = collect(create_loader(colour_shards, backend="nvjpeg", **kw))
+    cpu = collect(create_loader(colour_shards, backend="cpu", **kw))
     assert len(nv) == len(cpu) > 0
     for (a, la), (b, lb) in zip(nv, cpu):
         assert a.shape == b.shape and a.dtype == torch.uint8 and torch.equal(la, lb)
@@ -67,34 +67,52 @@ def test_nvjpeg_backend_on_cpu_matches_cpu_backend(colour_shards, split):
 
 def test_nvjpeg_backend_contract(colour_shards):
     kw = dict(batch_size=8, image_size=32, device="cpu", seed=4)
-    loader = Loader(colour_shards, backend="nvjpeg", workers=1, **kw)
+    loader = create_loader(colour_shards, backend="nvjpeg", workers=1, **kw)
     x, y = next(iter(loader))
     assert x.shape == (8, 3, 32, 32) and x.dtype == torch.bfloat16
     assert x.is_contiguous(memory_format=torch.channels_last) and y.dtype == torch.int64
-    ref = collect(Loader(colour_shards, backend="nvjpeg", workers=1, **kw))
-    other = collect(Loader(colour_shards, backend="nvjpeg", workers=3, **kw))  # thread count: no effect
+    ref = collect(create_loader(colour_shards, backend="nvjpeg", workers=1, **kw))
+    other = collect(create_loader(colour_shards, backend="nvjpeg", workers=3, **kw))  # thread count: no effect
     assert all(torch.equal(a, b) for (a, _), (b, _) in zip(ref, other))
-    assert_resumes_exactly(lambda: Loader(colour_shards, backend="nvjpeg", workers=2, **kw), 2)
+    assert_resumes_exactly(lambda: create_loader(colour_shards, backend="nvjpeg", workers=2, **kw), 2)
     assert loader.stats.device_bytes > 0
 
 
-def test_nvjpeg_backend_isolates_corrupt_samples(corrupt_shards):
-    path, bad = corrupt_shards
-    kw = dict(batch_size=6, image_size=24, device="cpu", normalize=False, seed=5, drop_last=False)
-    loader = Loader(path, backend="nvjpeg", workers=2, **kw)
-    a = collect(loader)
-    assert sum(len(y) for _, y in a) == 60
-    assert set(loader.stats.corrupt_keys) == bad and loader.stats.corrupt == len(bad)
-    cpu = collect(Loader(path, backend="cpu", workers=1, **kw))
-    for (x1, y1), (x2, y2) in zip(a, cpu):  # the same stand-ins as the CPU backend
-        assert torch.equal(y1, y2) and (x1.int() - x2.int()).abs().float().mean() < 1.0
+def test_device_faults_raise_and_refused_valid_images_fall_back_to_the_cpu(colour_shards, monkeypatch):
+    """Only damaged data is replaced: out-of-memory and CUDA errors raise, and an image the device
+    decoder refuses but the CPU decodes (a CMYK file, say) is used, not counted as corrupt."""
+    import torchvision.io
+
+    kw = dict(batch_size=8, image_size=32, device="cpu", workers=2, seed=4, normalize=False)
+    ref = collect(create_loader(colour_shards, backend="nvjpeg", **kw))
+
+    def refuses_all(data, *a, **k):
+        raise RuntimeError("nvjpegDecode failed: unsupported format")
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", refuses_all)
+    loader = create_loader(colour_shards, backend="nvjpeg", **kw)
+    got = collect(loader)
+    assert loader.stats.corrupt == 0 and len(got) == len(ref)
+    for (a, la), (b, lb) in zip(got, ref):
+        assert torch.equal(la, lb) and (a.int() - b.int()).abs().max() <= 1  # Pillow's pixels, not nvJPEG's
+
+    for fault in (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                  RuntimeError("CUDA error: an illegal memory access was encountered")):
+        def failing(data, *a, _fault=fault, **k):
+            raise _fault
+
+        monkeypatch.setattr(torchvision.io, "decode_jpeg", failing)
+        loader = create_loader(colour_shards, backend="nvjpeg", **kw)
+        with pytest.raises(RuntimeError, match="CUDA"):
+            collect(loader)
+        assert loader.stats.corrupt == 0
 
 
 def test_nvjpeg_device_thread_errors_reach_the_consumer_and_threads_end(colour_shards, monkeypatch):
     from pipeline.nvjpeg import NvjpegLoader
 
     kw = dict(batch_size=8, image_size=32, device="cpu", workers=2, seed=4)
-    loader = Loader(colour_shards, backend="nvjpeg", **kw)
+    loader = create_loader(colour_shards, backend="nvjpeg", **kw)
     for i, _ in enumerate(loader):
         if i == 1:
             break  # abandoned mid-epoch: the device thread must stop, not block on its queue

@@ -20,8 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from convert.manifest import ManifestError
-from pipeline.source import ShardError
+from pipeline.shard_format import ManifestError, ShardError
 
 from .checkpoint import copy_atomic, load, save_atomic, strip_module_prefix
 from .config import TrainConfig, UsageError, parse_args
@@ -95,19 +94,17 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
 
 
 def build_loaders(cfg: TrainConfig, device: Device, info: DistInfo, input_dtype: torch.dtype):
-    from pipeline import Loader
+    from pipeline import create_loader
 
     backend = "synthetic" if cfg.synthetic else cfg.backend
     common = dict(image_size=cfg.image_size, device=str(device.torch_device), workers=cfg.workers, seed=cfg.seed,
                   rank=info.rank, world_size=info.world, dtype=input_dtype, channels_last=True)
-    train = Loader(cfg.shards, split="train", batch_size=cfg.batch_size, backend=backend, **common)
+    train = create_loader(cfg.shards, split="train", batch_size=cfg.batch_size, backend=backend, **common)
     val = None
     if cfg.shards is not None and backend != "synthetic":
-        from pipeline import ShardError
-
         try:
-            val = Loader(cfg.shards, split="val", batch_size=cfg.batch_size, backend=backend,
-                         val_resize=cfg.val_resize, **common)
+            val = create_loader(cfg.shards, split="val", batch_size=cfg.batch_size, backend=backend,
+                                val_resize=cfg.val_resize, **common)
         except ShardError as e:  # a dataset without val trains without evaluation, and says so
             if info.main:
                 print(f"warning: no val split ({e}); training without evaluation", file=sys.stderr)
@@ -115,12 +112,12 @@ def build_loaders(cfg: TrainConfig, device: Device, info: DistInfo, input_dtype:
 
 
 def num_classes(loader) -> int:
-    """Classes of the dataset behind a loader (the manifest's list, else the largest label)."""
-    table = getattr(loader, "table", None)
-    if table is None:
-        return getattr(loader, "num_classes", 1000)
-    known = int(table.label.max()) + 1 if (table.label >= 0).any() else 1
-    return max(len(table.classes), known)
+    """Classes of the dataset behind a loader; an error when the shards cannot tell."""
+    n = loader.num_classes
+    if n is None:
+        raise ShardError("the shards carry no class list (no manifest.json beside them, and their labels "
+                         "arrive only while streaming): put the converter's manifest.json beside them")
+    return n
 
 
 def validate(model, loader, criterion, precision: Precision, info: DistInfo, log) -> tuple[float, float]:
@@ -218,9 +215,13 @@ def train(cfg: TrainConfig, spawn_index: int | None = None) -> dict:
         model.train()
         it = iter(train_loader)
         waited = [0.0]  # host seconds blocked on the loader since the last log line
+        # The loader's state after the batch being trained: the next batch is fetched before that
+        # batch's step ends, and a checkpoint must resume at the fetched one, not after it.
+        resume_state = [train_loader.state_dict()]
 
         def fetch():
             t = time.perf_counter()
+            resume_state[0] = train_loader.state_dict()
             nxt = next(it, None)
             waited[0] += time.perf_counter() - t
             return nxt
@@ -259,9 +260,8 @@ def train(cfg: TrainConfig, spawn_index: int | None = None) -> dict:
                               img_s=world_batch * steps_since / (now - t_last), data_wait=waited[0] / (now - t_last))
                 t_last, steps_since, waited[0] = now, 0, 0.0
             if info.main and cfg.save_every and step % cfg.save_every == 0:
-                # `i` batches of this epoch are trained; the prefetched one is not.
-                save_checkpoint(out / "checkpoint.pth.tar", cfg, bare, optimizer, precision,
-                                {**train_loader.state_dict(), "batch": i}, epoch, step, best_acc1, device)
+                save_checkpoint(out / "checkpoint.pth.tar", cfg, bare, optimizer, precision, resume_state[0],
+                                epoch, step, best_acc1, device)
             if cfg.max_steps and step >= cfg.max_steps:
                 stop = True
                 break
@@ -277,11 +277,10 @@ def train(cfg: TrainConfig, spawn_index: int | None = None) -> dict:
         is_best = acc1 > best_acc1
         best_acc1 = max(acc1, best_acc1)
         if info.main:
-            # A finished epoch resumes at the next one; a --max-steps stop resumes mid-epoch.
-            resume_epoch, resume_batch = (epoch, i) if stop else (epoch + 1, 0)
-            state = {**train_loader.state_dict(), "epoch": resume_epoch, "batch": resume_batch}
-            save_checkpoint(out / "checkpoint.pth.tar", cfg, bare, optimizer, precision, state,
-                            resume_epoch, step, best_acc1, device)
+            # A finished epoch resumes at the next one; a --max-steps stop resumes mid-epoch. The
+            # loader's state is stored as it gave it: set_epoch on resume moves to the next epoch.
+            save_checkpoint(out / "checkpoint.pth.tar", cfg, bare, optimizer, precision, resume_state[0],
+                            epoch if stop else epoch + 1, step, best_acc1, device)
             if is_best:  # the same bytes: copy them rather than serialize the model twice
                 copy_atomic(out / "checkpoint.pth.tar", out / "model_best.pth.tar")
         if stop:

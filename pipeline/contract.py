@@ -1,0 +1,103 @@
+"""The one contract every loader backend honours (`BatchLoader`), and its configuration.
+
+    len(loader)                      batches per epoch, identical on every rank
+    loader.num_samples               samples this rank yields per epoch (val: its exactly-once share)
+    loader.num_classes               classes of the dataset (None when the shards cannot tell)
+    loader.set_epoch(e)              selects epoch e's order and augmentation
+    for images, labels in loader:    images (B, 3, H, W) on `device`, labels int64 on `device`
+    loader.state_dict()              where to resume: right after the last batch this loader yielded
+    loader.load_state_dict(sd)       the next iteration continues from there, bitwise as if uninterrupted
+    loader.stats                     a LoaderStats, fields meaning the same in every backend
+    loader.close()                   frees workers, threads, maps and device buffers; idempotent
+
+The state belongs to the backend: callers store it and hand it back unchanged, never edit it.
+`tests/test_conformance.py` runs every registered backend through the same checks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Protocol, runtime_checkable
+
+import torch
+
+from kernels.normalize import IMAGENET_MEAN, IMAGENET_STD
+
+from .augment import RRC_RATIO, RRC_SCALE, Transform
+from .stats import LoaderStats
+
+
+@runtime_checkable
+class BatchLoader(Protocol):
+    stats: LoaderStats
+
+    @property
+    def num_samples(self) -> int: ...
+
+    @property
+    def num_classes(self) -> int | None: ...
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class LoaderConfig:
+    """Every loader option; `create_loader`'s keyword arguments are these fields."""
+
+    split: str = "train"
+    batch_size: int = 256
+    image_size: int = 224
+    device: str = "cuda"
+    workers: int = 8
+    seed: int = 49
+    rank: int = 0
+    world_size: int = 1
+    dtype: torch.dtype = torch.bfloat16
+    channels_last: bool = True
+    normalize: bool = True
+    drop_last: bool | None = None  # default: True for train, never for val
+    prefetch: int = 2  # batches in flight per worker (cpu), or ahead of the consumer (nvjpeg, dali)
+    worker_mode: str = "process"  # cpu backend: "process" or "thread"
+    start_method: str | None = None  # process workers: None is fork, or forkserver once CUDA or threads run
+    shuffle_buffer: int = 4096  # remote shards only
+    scale: tuple = RRC_SCALE  # RandomResizedCrop area range
+    ratio: tuple = RRC_RATIO  # RandomResizedCrop aspect range
+    val_resize: int | None = None  # default image_size * 256 / 224
+    # libjpeg's fast integer IDCT and plain chroma upsampling: ~4 % more train throughput here;
+    # None means on for train (augmentation dwarfs the error) and off for val.
+    fast_dct: bool | None = None
+    # Decode at a reduced DCT scale (1/2, 1/4, 1/8) when that still covers the output; None means
+    # on for train and off for val, whose pixels then match torchvision's Resize + CenterCrop.
+    dct_scaling: bool | None = None
+    max_open_shards: int = 64  # shard files each process keeps mapped (an LRU): bounds open descriptors
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+
+    @property
+    def train(self) -> bool:
+        return self.split == "train"
+
+    @property
+    def transform(self) -> Transform:
+        return Transform(self.image_size, self.train, tuple(self.scale), tuple(self.ratio), self.val_resize)
+
+    @property
+    def use_fast_dct(self) -> bool:
+        return self.train if self.fast_dct is None else self.fast_dct
+
+    @property
+    def use_dct_scaling(self) -> bool:
+        return self.train if self.dct_scaling is None else self.dct_scaling
+
+    @property
+    def drop(self) -> bool:
+        return self.train if self.drop_last is None else self.drop_last

@@ -1,0 +1,148 @@
+"""Read samples: their bytes, image sizes and labels, for every backend.
+
+Local shards are read through mmap: a sample's bytes are a view of the mapped shard, with no
+copy. Each map holds a file descriptor, so the maps a process keeps open form a bounded LRU
+(`max_open`): ImageNet has ~550 train shards, and a map per shard per worker would pass the
+common 1,024-descriptor limit. One reader may serve several threads: the cache is locked.
+Remote shards arrive as `raw` dicts (id -> (bytes, label)) cut from the stream.
+"""
+from __future__ import annotations
+
+import io
+import mmap
+import threading
+from collections import OrderedDict
+
+import numpy as np
+
+from .shard_format import ShardError
+from .source import SampleTable
+
+try:  # the ROI decoder is an optional compiled extension (see setup.py)
+    from kernels import _jpeg
+except ImportError:  # pragma: no cover - exercised where libjpeg-turbo headers are missing
+    _jpeg = None
+
+JPEG_MAGIC = b"\xff\xd8"
+# TODO(remove once kernels._jpeg has its error classes): an old build raises ValueError for all.
+CorruptJPEG = getattr(_jpeg, "CorruptJPEG", ValueError)
+UnsupportedJPEG = getattr(_jpeg, "UnsupportedJPEG", type("UnsupportedJPEG", (ValueError,), {}))
+
+
+class CorruptSample(Exception):
+    """The sample's bytes are damaged: an error in the data, which the loader replaces."""
+
+
+def is_jpeg(data) -> bool:
+    return bytes(data[:2]) == JPEG_MAGIC
+
+
+def pil_errors() -> tuple[type[BaseException], ...]:
+    """What Pillow raises for bytes it cannot decode (damaged data, not a bug of ours)."""
+    from PIL import Image
+
+    return (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+def image_size(data) -> tuple[int, int]:
+    """(width, height) from the image header; CorruptSample if it cannot be read."""
+    if _jpeg is not None and is_jpeg(data):
+        try:
+            w, h, _, _ = _jpeg.header(data)
+            return w, h
+        except CorruptJPEG as e:
+            raise CorruptSample(f"bad header: {e}") from None
+    from PIL import Image
+
+    try:
+        return Image.open(io.BytesIO(data)).size
+    except pil_errors() as e:
+        raise CorruptSample(f"bad header: {e}") from None
+
+
+class SampleReader:
+    """Bytes, sizes and labels of samples by id; picklable (maps reopen lazily in the process
+    that reads)."""
+
+    def __init__(self, table: SampleTable, max_open: int = 64):
+        if max_open < 1:
+            raise ValueError(f"max_open_shards must be >= 1, got {max_open}")
+        self.table = table
+        self.max_open = max_open
+        self._maps: OrderedDict[int, mmap.mmap] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_maps"], state["_lock"] = OrderedDict(), None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    @property
+    def open_maps(self) -> int:
+        return len(self._maps)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Unmap every shard. A reader thread that never finished its batch (one abandoned at
+        interpreter exit, say) may hold the lock: then the maps are left to the garbage collector
+        rather than waited for forever."""
+        if not self._lock.acquire(timeout=timeout):
+            return
+        try:
+            while self._maps:
+                _release(self._maps.popitem()[1])
+        finally:
+            self._lock.release()
+
+    def bytes(self, sid: int, raw: dict | None = None):
+        """The image member of sample `sid`: a view of its mapped shard, or from `raw` (remote)."""
+        if raw is not None:
+            return raw[sid][0]
+        s = int(self.table.shard[sid])
+        off, n = int(self.table.offset[sid]), int(self.table.size[sid])
+        with self._lock:
+            mm = self._maps.get(s)
+            if mm is None:
+                mm = self._maps[s] = self._open(s)
+                while len(self._maps) > self.max_open:
+                    _release(self._maps.popitem(last=False)[1])
+            else:
+                self._maps.move_to_end(s)
+            if off + n > len(mm):
+                raise CorruptSample(f"member runs past the end of {self.table.urls[s]}")
+            return memoryview(mm)[off:off + n]
+
+    def _open(self, s: int) -> mmap.mmap:
+        url = self.table.urls[s]
+        try:
+            with open(url, "rb") as f:
+                return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as e:  # ValueError: an empty file cannot be mapped
+            raise ShardError(f"shard {url}: cannot be read ({e})") from None
+
+    def label(self, sid: int, raw: dict | None = None) -> int:
+        return int(raw[sid][1]) if raw is not None else int(self.table.label[sid])
+
+    def read_batch(self, ids: list[int], raw: dict | None) -> tuple[dict, np.ndarray, dict[int, str]]:
+        """(bytes by id, (n, 2) sizes as width, height, why each unreadable id failed).
+
+        An unreadable sample keeps a 1 x 1 size, so augmentation parameters can still be drawn."""
+        data, bad = {}, {}
+        sizes = np.ones((len(ids), 2), np.int64)
+        for i, sid in enumerate(ids):
+            try:
+                data[sid] = self.bytes(sid, raw)
+                sizes[i] = image_size(data[sid])
+            except CorruptSample as e:
+                bad[sid] = str(e)
+        return data, sizes, bad
+
+
+def _release(mm: mmap.mmap) -> None:
+    try:
+        mm.close()
+    except BufferError:
+        pass  # a view is still in use: the map closes (and frees its descriptor) when the view dies
