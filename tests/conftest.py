@@ -71,17 +71,27 @@ def quirky_root(tmp_path) -> Path:
 CLASS_COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 220), (230, 220, 40), (200, 40, 210), (40, 210, 210)]
 
 
-def make_colour_folder(root: Path, per_class: int = 10, val_per_class: int = 3) -> Path:
-    rng = np.random.default_rng(5)
-    for split, n in (("train", per_class), ("val", val_per_class)):
-        for k, rgb in enumerate(CLASS_COLOURS):
-            d = root / split / f"c{k}"
+def write_image_folder(root: Path, counts: dict[str, int], classes: int, draw, quality: int, seed: int) -> Path:
+    """An ImageFolder: counts[split] JPEGs per class, image k of class c being draw(rng, c, k)."""
+    rng = np.random.default_rng(seed)
+    k = 0
+    for split, n in counts.items():
+        for cls in range(classes):
+            d = root / split / f"c{cls}"
             d.mkdir(parents=True, exist_ok=True)
             for i in range(n):
-                w, h = int(rng.integers(48, 120)), int(rng.integers(48, 120))
-                arr = np.clip(np.array(rgb)[None, None, :] + rng.normal(0, 6, (h, w, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(arr).save(d / f"{i}.JPEG", quality=92)
+                Image.fromarray(draw(rng, cls, k)).save(d / f"{i}.JPEG", quality=quality)
+                k += 1
     return root
+
+
+def make_colour_folder(root: Path, per_class: int = 10, val_per_class: int = 3) -> Path:
+    def draw(rng, cls, k):
+        w, h = int(rng.integers(48, 120)), int(rng.integers(48, 120))
+        return np.clip(np.array(CLASS_COLOURS[cls])[None, None, :] + rng.normal(0, 6, (h, w, 3)), 0,
+                       255).astype(np.uint8)
+
+    return write_image_folder(root, {"train": per_class, "val": val_per_class}, len(CLASS_COLOURS), draw, 92, 5)
 
 
 @pytest.fixture(scope="session")
@@ -109,17 +119,10 @@ def coordinate_image(w: int, h: int, k: int, cls: int) -> np.ndarray:
 
 def make_coordinate_folder(root: Path, per_class: int = 8, val_per_class: int = 4, classes: int = 3) -> Path:
     """ImageFolder of coordinate images of ImageNet-like spread of sizes (48 to 480 px), q95 4:2:0."""
-    rng = np.random.default_rng(11)
-    k = 0
-    for split, n in (("train", per_class), ("val", val_per_class)):
-        for cls in range(classes):
-            d = root / split / f"c{cls}"
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                w, h = int(rng.integers(48, 481)), int(rng.integers(48, 481))
-                Image.fromarray(coordinate_image(w, h, k, cls)).save(d / f"{i}.JPEG", quality=95)
-                k += 1
-    return root
+    def draw(rng, cls, k):
+        return coordinate_image(int(rng.integers(48, 481)), int(rng.integers(48, 481)), k, cls)
+
+    return write_image_folder(root, {"train": per_class, "val": val_per_class}, classes, draw, 95, 11)
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import run_cli
 from convert.cifar_to_shards import RestrictedUnpickler, UnsafePickleError, convert, safe_load
-from convert.manifest import load_manifest
+from pipeline.shard_format import load_manifest
 
 
 def _dump(obj, path: Path) -> None:
@@ -101,6 +101,8 @@ def test_cifar_round_trip_is_pixel_exact(tmp_path, variant, archive):
             assert meta.get("coarse_label") == coarse
             seen.add((name, int(i)))
         assert len(seen) == len(rows)
+        # The manifest's label table holds every sample's label, in tar order.
+        assert [v for s in m["splits"][split]["shards"] for v in s["labels"]] == [int(r["cls"]) for r in rows]
     # Test keeps its natural order; train is shuffled.
     _, test_rows = read_split(out, "test")
     assert [json.loads(r["json"])["path"] for r in test_rows] == \

@@ -3,25 +3,13 @@ mid-epoch and resumed trains on exactly the batches of an uninterrupted run, wit
 (It used to overwrite the state's batch index, which lost a batch with the dali backend.)"""
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 
 from conftest import run_cli
+from test_train import losses
 
 ARGS = ["--arch", "resnet18", "--image-size", "32", "--device", "cpu", "-j", "2", "-b", "8", "--epochs", "2",
         "--lr", "0.02", "--warm-up-epochs", "0", "-p", "1", "--seed", "7"]
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    """step -> loss (a resumed run appends; the last record of a step wins)."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if "loss" in row:
-            out[row["step"]] = row["loss"]
-    return out
 
 
 @pytest.mark.parametrize("backend", ["cpu", "nvjpeg", "dali"])

@@ -24,19 +24,15 @@ DEMO = dict(arch="resnet18", image_size=64, batch_size=64, epochs=12, lr=0.05, w
 
 def prepare_demo(cfg: TrainConfig, given: set[str]) -> TrainConfig:
     from convert.imagenet_to_shards import convert
-    from convert.manifest import load_manifest
     from convert.synthetic import COMPLETE_MARKER, SyntheticConfig, generate
+    from pipeline.shard_format import is_complete
 
     synthetic = SyntheticConfig(classes=10, per_class=160, val_per_class=30, size=112)
     src = generate(DEMO_DATA / "images", synthetic, progress=True)
     # The shards are named after what they were made from, so new images never meet old shards.
     tag = hashlib.sha256((src / COMPLETE_MARKER).read_bytes()).hexdigest()[:12]
     shards = DEMO_DATA / f"shards-{tag}"
-    try:
-        ready = load_manifest(shards)["complete"]
-    except (OSError, ValueError):
-        ready = False
-    if not ready:
+    if not is_complete(shards):
         _, summary = convert(src, shards, shard_size_mb=8, progress=True)
         print(summary)
     overrides = {k: v for k, v in DEMO.items() if k not in given}
