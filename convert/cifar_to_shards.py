@@ -37,15 +37,25 @@ class UnsafePickleError(ConvertError):
     pass
 
 
+def _py2_str(obj):
+    """Python 2 wrote its `str` as bytes: read under encoding="bytes" (as the CIFAR page says),
+    the dtype codes of the real downloads arrive as b'u1' and b'b'."""
+    return obj.decode("ascii") if isinstance(obj, bytes) and obj.isascii() else obj
+
+
 def _safe_dtype(obj, align=False, copy=False):
+    obj = _py2_str(obj)
     if not isinstance(obj, str) or obj not in _SAFE_DTYPES:
         raise UnsafePickleError(f"refused numpy dtype {obj!r} (only plain numeric dtypes are allowed)")
-    return np.dtype(obj, align, copy)
+    return np.dtype(obj, bool(align), bool(copy))
 
 
 def _safe_reconstruct(subtype, shape, dtype):
     if subtype is not np.ndarray:
         raise UnsafePickleError(f"refused array subtype {subtype!r}")
+    dtype = _py2_str(dtype)
+    if not isinstance(dtype, np.dtype) and dtype not in _SAFE_DTYPES | {"b"}:
+        raise UnsafePickleError(f"refused numpy dtype {dtype!r} (only plain numeric dtypes are allowed)")
     return np.ndarray.__new__(np.ndarray, shape, dtype)
 
 

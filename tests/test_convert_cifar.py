@@ -3,6 +3,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import struct
 import tarfile
 from pathlib import Path
 
@@ -15,12 +16,52 @@ from convert.cifar_to_shards import RestrictedUnpickler, UnsafePickleError, conv
 from pipeline.shard_format import load_manifest
 
 
-def _dump(obj, path: Path) -> None:
-    # Protocol 2, as the published files use.
-    path.write_bytes(pickle.dumps(obj, protocol=2))
+class Py2Pickler(pickle._Pickler):
+    """Writes pickles in the layout of the published CIFAR files, which Python 2's cPickle wrote
+    (protocol 2): every bytes and str object as a py2 `str` (SHORT_BINSTRING / BINSTRING), arrays
+    rebuilt through `numpy.core.multiarray._reconstruct`, dtypes as ('u1', 0, 1)."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_py2_str(self, obj):
+        data = obj.encode("latin1") if isinstance(obj, str) else bytes(obj)
+        n = len(data)
+        self.write((pickle.SHORT_BINSTRING + bytes([n]) if n < 256 else pickle.BINSTRING + struct.pack("<i", n)) + data)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_py2_str
+    dispatch[str] = save_py2_str
+
+    def save_global(self, obj, name=None):
+        module = {"numpy._core.multiarray": "numpy.core.multiarray"}.get(obj.__module__, obj.__module__)
+        self.write(pickle.GLOBAL + f"{module}\n{name or obj.__qualname__}\n".encode())
+        self.memoize(obj)
+
+    def reducer_override(self, obj):
+        if isinstance(obj, np.dtype):
+            return np.dtype, (obj.str[1:], 0, 1), obj.__reduce__()[2]
+        return NotImplemented
 
 
-def make_cifar(root: Path, variant: str, n_train=(7, 5, 6, 4, 3), n_test=9, seed=0) -> dict:
+def py2_pickle(obj) -> bytes:
+    buf = io.BytesIO()
+    Py2Pickler(buf, protocol=2).dump(obj)
+    return buf.getvalue()
+
+
+def test_py2_pickler_writes_the_published_layout():
+    data = py2_pickle({b"data": np.arange(6, dtype=np.uint8).reshape(2, 3), b"labels": [1, 2]})
+    # The opening bytes of the real data_batch_N files: a py2 str key, then numpy's reconstructor.
+    assert data.startswith(b"\x80\x02}q\x00(U\x04dataq\x01cnumpy.core.multiarray\n_reconstruct\nq\x02cnumpy\nndarray")
+    assert b"cnumpy\ndtype\nq\tU\x02u1q\nK\x00K\x01\x87" in data and b"_codecs" not in data
+
+
+def _dump(obj, path: Path, writer: str = "py2") -> None:
+    # Protocol 2, as the published files use; "py3" as Python 3 would write them.
+    path.write_bytes(py2_pickle(obj) if writer == "py2" else pickle.dumps(obj, protocol=2))
+
+
+def make_cifar(root: Path, variant: str, n_train=(7, 5, 6, 4, 3), n_test=9, seed=0, writer: str = "py2") -> dict:
     """Write CIFAR-shaped pickles; return the rows {(split, batch, i): (pixels, label, coarse)}."""
     rng = np.random.default_rng(seed)
     truth = {}
@@ -37,7 +78,7 @@ def make_cifar(root: Path, variant: str, n_train=(7, 5, 6, 4, 3), n_test=9, seed
             coarse = [int(v) for v in rng.integers(0, 20, n)]
             d = {b"filenames": [b"f"] * n, b"batch_label": b"x", b"fine_labels": labels,
                  b"coarse_labels": coarse, b"data": data}
-        _dump(d, root / name)
+        _dump(d, root / name, writer)
         for i in range(n):
             truth[(split, name, i)] = (data[i], labels[i], coarse[i])
 
@@ -47,12 +88,12 @@ def make_cifar(root: Path, variant: str, n_train=(7, 5, 6, 4, 3), n_test=9, seed
             batch(f"data_batch_{b}", n, "train")
         batch("test_batch", n_test, "test")
         _dump({b"label_names": [f"c{i}".encode() for i in range(10)], b"num_cases_per_batch": 10000},
-              root / "batches.meta")
+              root / "batches.meta", writer)
     else:
         batch("train", sum(n_train), "train")
         batch("test", n_test, "test")
         _dump({b"fine_label_names": [f"f{i}".encode() for i in range(100)],
-               b"coarse_label_names": [f"k{i}".encode() for i in range(20)]}, root / "meta")
+               b"coarse_label_names": [f"k{i}".encode() for i in range(20)]}, root / "meta", writer)
     return truth
 
 
@@ -70,10 +111,10 @@ def read_split(out: Path, split: str):
 
 
 @pytest.mark.parametrize("variant", ["cifar10", "cifar100"])
-@pytest.mark.parametrize("archive", [False, True])
-def test_cifar_round_trip_is_pixel_exact(tmp_path, variant, archive):
+@pytest.mark.parametrize("archive,writer", [(False, "py2"), (True, "py2"), (False, "py3")])
+def test_cifar_round_trip_is_pixel_exact(tmp_path, variant, archive, writer):
     folder = "cifar-10-batches-py" if variant == "cifar10" else "cifar-100-python"
-    truth = make_cifar(tmp_path / "raw" / folder, variant)
+    truth = make_cifar(tmp_path / "raw" / folder, variant, writer=writer)
     src = tmp_path / "raw" / folder
     if archive:
         src = tmp_path / f"{folder}.tar.gz"
