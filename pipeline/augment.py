@@ -118,14 +118,41 @@ def eval_resize(image_size: int) -> int:
     return int(round(image_size * EVAL_RESIZE_RATIO))
 
 
+def padded_crop_params(seed: int, epoch: int, ids: np.ndarray, width: np.ndarray, height: np.ndarray, size: int,
+                       padding: int) -> tuple[np.ndarray, np.ndarray]:
+    """torchvision's RandomCrop(size, padding) (zero fill) and a flip, as boxes in source pixels:
+    the box may reach `padding` pixels past the image, where the output is zero."""
+    u = uniforms(seed, epoch, ids, 3)
+    width, height = np.asarray(width, np.int64), np.asarray(height, np.int64)
+    # torch.randint(0, padded - size + 1): uniform over the allowed offsets of the padded image.
+    left = np.floor(u[:, 0] * np.maximum(width + 2 * padding - size + 1, 1)).astype(np.int64) - padding
+    top = np.floor(u[:, 1] * np.maximum(height + 2 * padding - size + 1, 1)).astype(np.int64) - padding
+    boxes = np.stack([left, top, np.full_like(left, size), np.full_like(top, size)], 1).astype(np.float64)
+    return boxes, u[:, 2] < 0.5
+
+
+def center_crop_boxes(width: np.ndarray, height: np.ndarray, size: int) -> np.ndarray:
+    """torchvision's CenterCrop(size): the box, past the image (zero filled) when it is smaller."""
+    width, height = np.asarray(width, np.float64), np.asarray(height, np.float64)
+    left, top = np.round((width - size) / 2.0), np.round((height - size) / 2.0)
+    return np.stack([left, top, np.full_like(left, size), np.full_like(top, size)], 1)
+
+
+CROPS = ("resized", "padded")
+
+
 @dataclass(frozen=True)
 class Transform:
     """What each sample becomes, in every backend.
 
-    train: torchvision's RandomResizedCrop(size, scale, ratio) and RandomHorizontalFlip(0.5);
-    eval: Resize(resize) and CenterCrop(size), resize = `val_resize` or size * 256 / 224.
+    crop "resized" (ImageNet): train is torchvision's RandomResizedCrop(size, scale, ratio) and
+    RandomHorizontalFlip(0.5); eval is Resize(resize) and CenterCrop(size), resize = `val_resize`
+    or size * 256 / 224.
+    crop "padded" (CIFAR): train is RandomCrop(size, padding) with zero fill and
+    RandomHorizontalFlip(0.5); eval is CenterCrop(size), with no resize.
     Both are expressed as a box in source pixels plus a flip, drawn by `params`; a backend only
-    has to resize the box to size x size (antialiased) and flip it.
+    has to resize the box to size x size (antialiased; "padded" boxes are size x size, a plain
+    copy), with zeros where the box leaves the image, and flip it.
     """
 
     size: int
@@ -133,6 +160,19 @@ class Transform:
     scale: tuple[float, float] = RRC_SCALE
     ratio: tuple[float, float] = RRC_RATIO
     val_resize: int | None = None
+    crop: str = "resized"
+    padding: int = 4  # "padded" only
+
+    def __post_init__(self):
+        if self.crop not in CROPS:
+            raise ValueError(f"crop {self.crop!r}: expected one of {', '.join(CROPS)}")
+        if self.padding < 0:
+            raise ValueError(f"padding must be >= 0, got {self.padding}")
+
+    @property
+    def resizes(self) -> bool:
+        """Whether boxes are resized (else every box is size x size and only copied)."""
+        return self.crop == "resized"
 
     @property
     def resize(self) -> int:
@@ -143,6 +183,11 @@ class Transform:
         """(boxes (n, 4) float64 as left, top, w, h in source pixels; flips (n,) bool) for samples
         `ids` (their RNG keys) of sizes (n, 2) as (width, height)."""
         sizes = np.asarray(sizes).reshape(-1, 2)
+        w, h = sizes[:, 0], sizes[:, 1]
+        if self.crop == "padded":
+            if self.train:
+                return padded_crop_params(seed, epoch, np.asarray(ids), w, h, self.size, self.padding)
+            return center_crop_boxes(w, h, self.size), np.zeros(len(sizes), bool)
         if self.train:
-            return train_params(seed, epoch, np.asarray(ids), sizes[:, 0], sizes[:, 1], self.scale, self.ratio)
-        return val_params(sizes[:, 0], sizes[:, 1], self.size, self.resize), np.zeros(len(sizes), bool)
+            return train_params(seed, epoch, np.asarray(ids), w, h, self.scale, self.ratio)
+        return val_params(w, h, self.size, self.resize), np.zeros(len(sizes), bool)

@@ -43,6 +43,13 @@ def _dali(shards, cfg: LoaderConfig):
     return DaliLoader(open_split(shards, cfg.split), cfg)
 
 
+@register_backend("resident")
+def _resident(shards, cfg: LoaderConfig):
+    from .resident import ResidentLoader
+
+    return ResidentLoader(open_split(shards, cfg.split), cfg)
+
+
 @register_backend("synthetic")
 def _synthetic(shards, cfg: LoaderConfig):
     from .synthetic import SyntheticLoader

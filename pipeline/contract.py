@@ -69,9 +69,11 @@ class LoaderConfig:
     worker_mode: str = "process"  # cpu backend: "process" or "thread"
     start_method: str | None = None  # process workers: None is fork, or forkserver once CUDA or threads run
     shuffle_buffer: int = 4096  # remote shards only
+    crop: str = "resized"  # "resized": RandomResizedCrop / Resize + CenterCrop; "padded": CIFAR's RandomCrop
     scale: tuple = RRC_SCALE  # RandomResizedCrop area range
     ratio: tuple = RRC_RATIO  # RandomResizedCrop aspect range
     val_resize: int | None = None  # default image_size * 256 / 224
+    padding: int = 4  # "padded": zero padding of the random crop
     # libjpeg's fast integer IDCT and plain chroma upsampling: ~4 % more train throughput here;
     # None means on for train (augmentation dwarfs the error) and off for val.
     fast_dct: bool | None = None
@@ -88,7 +90,8 @@ class LoaderConfig:
 
     @property
     def transform(self) -> Transform:
-        return Transform(self.image_size, self.train, tuple(self.scale), tuple(self.ratio), self.val_resize)
+        return Transform(self.image_size, self.train, tuple(self.scale), tuple(self.ratio), self.val_resize, self.crop,
+                         self.padding)
 
     @property
     def use_fast_dct(self) -> bool:

@@ -6,7 +6,9 @@ and flip from the shared counter-based RNG (`Transform`). DALI gets them through
 `fn.external_source` and runs, per sample:
 
     fn.decoders.image_slice   decode the box plus the resize filter's margin (mixed: nvJPEG, with
-                              the hardware decoder taking `hw_decoder_load` of the work)
+                              the hardware decoder taking `hw_decoder_load` of the work); a
+                              padded crop (CIFAR) decodes whole, and `fn.slice` fills the part
+                              of its box outside the image with zeros
     fn.resize                 antialiased linear resize of the box (a fractional ROI of the slice)
                               to size x size; a ROI given right to left flips the sample
     fn.crop_mirror_normalize  normalize, HWC, which is NCHW in channels_last memory
@@ -108,8 +110,13 @@ class DaliLoader(PlannedLoader):
             decoder = {"device": "mixed", "hw_decoder_load": 0.65,
                        "jpeg_fancy_upsampling": not cfg.use_fast_dct} if gpu else \
                 {"device": "cpu", "use_fast_idct": cfg.use_fast_dct}
-            images = fn.decoders.image_slice(jpegs, anchor, shape, output_type=types.RGB, normalized_anchor=False,
-                                             normalized_shape=False, axis_names="WH", **decoder)
+            box = dict(normalized_anchor=False, normalized_shape=False, axis_names="WH")
+            if cfg.transform.resizes:  # decode only the slice: nvJPEG's ROI decode on a GPU
+                images = fn.decoders.image_slice(jpegs, anchor, shape, output_type=types.RGB, **box, **decoder)
+            else:  # a padded crop leaves the image, which only fn.slice fills (small images: decode whole)
+                images = fn.decoders.image(jpegs, output_type=types.RGB, **decoder)
+                images = fn.slice(images, anchor, shape, device=op_device, out_of_bounds_policy="pad", fill_values=0,
+                                  **box)
             images = fn.resize(images, device=op_device, size=[size, size], roi_start=roi_start, roi_end=roi_end,
                                antialias=True, interp_type=types.INTERP_LINEAR, subpixel_scale=False)
             images = fn.crop_mirror_normalize(images, device=op_device, dtype=out_type, output_layout="HWC",
@@ -142,13 +149,16 @@ class DaliLoader(PlannedLoader):
             boxes[i:i + 1], flips[i:i + 1] = self.cfg.transform.params(self.cfg.seed, epoch, [sid],
                                                                        sizes[pos[src]][None])
         inputs = {k: [] for k in _INPUTS}
-        size = self.cfg.image_size
+        size, transform = self.cfg.image_size, self.cfg.transform
         for i, src in enumerate(sources):
             w, h = (int(v) for v in sizes[pos[src]])
             x0, y0, bw, bh = boxes[i]
-            m = decode_margin(bw, bh, size, size, 1)
-            ax, ay = max(int(x0) - m, 0), max(int(y0) - m, 0)
-            ex, ey = min(int(math.ceil(x0 + bw)) + m, w), min(int(math.ceil(y0 + bh)) + m, h)
+            if transform.resizes:  # the box and the filter's margin, inside the image
+                m = decode_margin(bw, bh, size, size, 1)
+                ax, ay = max(int(x0) - m, 0), max(int(y0) - m, 0)
+                ex, ey = min(int(math.ceil(x0 + bw)) + m, w), min(int(math.ceil(y0 + bh)) + m, h)
+            else:  # a padded crop: exactly the box, zero filled past the image
+                ax, ay, ex, ey = int(x0), int(y0), int(x0 + bw), int(y0 + bh)
             start = [y0 - ay, x0 - ax]
             end = [y0 - ay + bh, x0 - ax + bw]
             if flips[i]:  # a ROI given right to left mirrors the sample

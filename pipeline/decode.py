@@ -118,11 +118,18 @@ class BatchDecoder:
         return self.transform.params(self.seed, epoch, ids, sizes)
 
     # -- one sample ------------------------------------------------------------------------------
-    def decode_into(self, data, box, flip: bool, out: np.ndarray, width: int) -> None:
-        """Decode `box` (left, top, w, h in source pixels) of an image `width` pixels wide, resize it
-        into `out` (H, W, 3) uint8 and flip it. CorruptSample if the data is damaged."""
+    def decode_into(self, data, box, flip: bool, out: np.ndarray, size) -> None:
+        """Decode `box` (left, top, w, h in source pixels) of an image of `size` (width, height),
+        resize it into `out` (H, W, 3) uint8 and flip it; where the box leaves the image (a padded
+        crop), the output is zero. CorruptSample if the data is damaged."""
         x0, y0, bw, bh = box
+        width, height = int(size[0]), int(size[1])
         out_h, out_w = out.shape[:2]
+        pad = math.ceil(max(-x0, -y0, x0 + bw - width, y0 + bh - height, 0))
+        if pad:
+            region = np.pad(_decode_pil(data, 1)[0], ((pad, pad), (pad, pad), (0, 0)))
+            resize_crop_into(region, (x0 + pad, y0 + pad, bw, bh), out, flip)
+            return
         d = dct_denominator(bw, bh, min(out_h, out_w)) if self.dct_scaling else 1
         region = None
         if _jpeg is not None and is_jpeg(data):
@@ -169,7 +176,7 @@ class BatchDecoder:
         for i, sid in enumerate(ids):
             if sid not in bad:
                 try:
-                    self.decode_into(data[sid], boxes[i], flips[i], images[i], int(sizes[i, 0]))
+                    self.decode_into(data[sid], boxes[i], flips[i], images[i], sizes[i])
                     labels[i] = self.samples.label(sid, raw)
                     continue
                 except CorruptSample as e:
@@ -181,7 +188,7 @@ class BatchDecoder:
                 j = pos[src]
                 b, f = self.params(epoch, [sid], sizes[j][None])
                 try:
-                    self.decode_into(data[src], b[0], f[0], images[i], int(sizes[j, 0]))
+                    self.decode_into(data[src], b[0], f[0], images[i], sizes[j])
                     labels[i] = self.samples.label(src, raw)
                     break
                 except CorruptSample as e:

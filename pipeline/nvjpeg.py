@@ -19,6 +19,7 @@ reference implementation; that is how it is tested without a GPU.
 """
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
@@ -35,8 +36,19 @@ from .contract import LoaderConfig
 from .decode import decode_strict, stand_ins
 from .loader import PlannedLoader
 from .remote import RemoteReader
-from .samples import CorruptSample, SampleReader
+from .samples import CorruptSample, SampleReader, is_jpeg
 from .source import SampleTable
+
+
+def pad_for_box(image: torch.Tensor, box: np.ndarray) -> torch.Tensor:
+    """Zero-pad a CHW image where `box` (left, top, w, h) leaves it (a padded crop), shifting the
+    box in place to match: the kernel, like Pillow, clamps at the image's edge instead."""
+    h, w = image.shape[1:]
+    pad = math.ceil(max(-box[0], -box[1], box[0] + box[2] - w, box[1] + box[3] - h, 0))
+    if not pad:
+        return image
+    box[:2] += pad
+    return torch.nn.functional.pad(image, (pad, pad, pad, pad))
 
 
 def is_device_fault(error: BaseException) -> bool:
@@ -96,11 +108,27 @@ class NvjpegLoader(PlannedLoader):
     def _decode(self, hb: HostBatch) -> tuple[list[torch.Tensor | None], dict[int, str]]:
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        good = [i for i, sid in enumerate(hb.ids) if sid not in hb.bad]
         out: list[torch.Tensor | None] = [None] * len(hb.ids)
         bad = dict(hb.bad)
+
+        def on_cpu(i: int, why: str = "") -> None:
+            try:
+                pixels = decode_strict(hb.data[i].numpy().tobytes())
+            except CorruptSample as e:
+                bad[hb.ids[i]] = f"{e}{why}"
+                return
+            out[i] = torch.from_numpy(pixels.transpose(2, 0, 1).copy()).to(self.device)  # CHW, as decode_jpeg
+
+        good = []
+        for i, sid in enumerate(hb.ids):
+            if sid in bad:
+                continue
+            if is_jpeg(hb.data[i][:2].numpy()):
+                good.append(i)
+            else:
+                on_cpu(i)  # PNG (CIFAR) and other formats: nvJPEG reads only JPEG
         try:
-            imgs = decode_jpeg([hb.data[i] for i in good], mode=ImageReadMode.RGB, device=self.device)
+            imgs = decode_jpeg([hb.data[i] for i in good], mode=ImageReadMode.RGB, device=self.device) if good else []
             for i, t in zip(good, imgs):
                 out[i] = t
         except RuntimeError as e:
@@ -112,12 +140,7 @@ class NvjpegLoader(PlannedLoader):
                 except RuntimeError as e1:
                     if is_device_fault(e1):
                         raise
-                    try:
-                        pixels = decode_strict(hb.data[i].numpy().tobytes())
-                    except CorruptSample as e2:
-                        bad[hb.ids[i]] = f"{e2} (nvjpeg: {str(e1).splitlines()[0]})"
-                        continue
-                    out[i] = torch.from_numpy(pixels.transpose(2, 0, 1).copy()).to(self.device)  # CHW, as decode_jpeg
+                    on_cpu(i, f" (nvjpeg: {str(e1).splitlines()[0]})")
         return out, bad
 
     def _assemble(self, epoch: int, hb: HostBatch):
@@ -141,6 +164,7 @@ class NvjpegLoader(PlannedLoader):
         # Each sample keeps its own RNG draws, applied to the image it actually got.
         boxes, flips = self.cfg.transform.params(self.cfg.seed, epoch, ids,
                                                  np.array([[t.shape[2], t.shape[1]] for t in images]))
+        images = [pad_for_box(t, box) for t, box in zip(images, boxes)]
         dtype = self.cfg.dtype if self.cfg.normalize else torch.float32
         x = batch_crop_resize(images, boxes, flips, self.cfg.image_size, self.scale, self.shift, dtype)
         if not self.cfg.normalize:

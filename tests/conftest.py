@@ -136,6 +136,36 @@ def coord_shards(tmp_path_factory) -> Path:
     return base / "shards"
 
 
+def write_cifar10(root: Path, per_class: int = 10, test_per_class: int = 3) -> Path:
+    """The python files of CIFAR-10 (cifar-10-batches-py's layout; Python 3 pickles), 32 x 32:
+    class k's images are the k-th class colour with noise (classes 6 to 9 have none)."""
+    import pickle
+
+    rng = np.random.default_rng(9)
+    root.mkdir(parents=True)
+    for name, n in [(f"data_batch_{b}", per_class // 5 + (b <= per_class % 5)) for b in range(1, 6)] + \
+            [("test_batch", test_per_class)]:
+        labels = [k for k in range(len(CLASS_COLOURS)) for _ in range(n)]
+        hwc = np.clip(np.array([CLASS_COLOURS[k] for k in labels], np.float64)[:, None, None, :]
+                      + rng.normal(0, 6, (len(labels), 32, 32, 3)), 0, 255).astype(np.uint8)
+        data = hwc.transpose(0, 3, 1, 2).reshape(len(labels), 3072)  # CIFAR rows are planar RGB
+        (root / name).write_bytes(pickle.dumps({b"labels": labels, b"data": data, b"batch_label": b"x"}, protocol=2))
+    (root / "batches.meta").write_bytes(pickle.dumps({b"label_names": [f"c{i}".encode() for i in range(10)]},
+                                                     protocol=2))
+    return root
+
+
+@pytest.fixture(scope="session")
+def cifar_shards(tmp_path_factory) -> Path:
+    """Converted CIFAR-10-format colour dataset: 60 train, 18 test, 32 x 32 PNGs."""
+    from convert.cifar_to_shards import convert
+
+    base = tmp_path_factory.mktemp("cifar")
+    convert(write_cifar10(base / "cifar-10-batches-py"), base / "shards", shard_size_mb=0.06, workers=1,
+            progress=False)
+    return base / "shards"
+
+
 @pytest.fixture
 def corrupt_shards(colour_shards, tmp_path) -> tuple[Path, set[str]]:
     """A copy of the colour shards with four damaged JPEG members: three without a JPEG header,

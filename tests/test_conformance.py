@@ -1,6 +1,9 @@
-"""One contract, every backend: each registered backend runs through the same checks
-(pipeline/contract.py). nvjpeg runs with torchvision's CPU decoder and the Triton kernel's
-reference, dali in DALI's CPU-only mode, so all four run here and in CI."""
+"""One contract, every backend, both datasets: each registered backend runs through the same
+checks (pipeline/contract.py) on an ImageNet-like dataset (JPEGs of many sizes, RandomResizedCrop)
+and a CIFAR-10-format one (32 x 32 PNGs, padded RandomCrop, val split "test"). nvjpeg runs with
+torchvision's CPU decoder and the Triton kernel's reference, dali in DALI's CPU-only mode, so all
+of them run here and in CI. The resident backend only crops, so it takes the CIFAR dataset and
+refuses the ImageNet one (tested below)."""
 from __future__ import annotations
 
 import hashlib
@@ -10,40 +13,58 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CLASS_COLOURS, assert_resumes_exactly, collect
+from conftest import CLASS_COLOURS, assert_resumes_exactly, collect, rewrite_shard
 from pipeline import BACKENDS, BatchLoader, LoaderStats, create_loader
+from pipeline.shard_format import load_manifest
 
-DATA_BACKENDS = ["cpu", "nvjpeg", "dali"]
+DATA_BACKENDS = ["cpu", "nvjpeg", "dali", "resident"]
 ALL_BACKENDS = DATA_BACKENDS + ["synthetic"]
-TRAIN, VAL = 60, 18  # the colour dataset
+TRAIN, VAL = 60, 18  # both datasets: 6 colour classes, 10 train and 3 val images each
+
+
+class Dataset:
+    """One of the two datasets, with the loader options its recipe uses."""
+
+    def __init__(self, name: str, shards, corrupt=None):
+        self.name, self.shards, self.corrupt = name, shards, corrupt
+        cifar = name == "cifar"
+        self.val = "test" if cifar else "val"
+        self.options = {"crop": "padded", "image_size": 32} if cifar else {"image_size": 24}
+        self.size = self.options["image_size"]
+        self.classes = 10 if cifar else 6  # CIFAR-10's names, six of them used
+
+
+def combos(backends):
+    return [pytest.param(b, d, id=f"{b}-{d}") for b in backends for d in ("imagenet", "cifar")
+            if not (b == "resident" and d == "imagenet")]
+
+
+@pytest.fixture
+def ds(request, colour_shards, cifar_shards) -> Dataset:
+    name = request.node.callspec.params["dataset"]
+    return Dataset(name, colour_shards if name == "imagenet" else cifar_shards)
+
+
+def _needs(backend):
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali", reason="the dali extra (nvidia-dali-cuda130) is not installed")
 
 
 def test_every_registered_backend_is_in_this_suite():
     assert sorted(BACKENDS) == sorted(ALL_BACKENDS)
 
 
-@pytest.fixture(params=ALL_BACKENDS)
-def backend(request):
-    if request.param == "dali":
-        pytest.importorskip("nvidia.dali", reason="the dali extra (nvidia-dali-cuda130) is not installed")
-    return request.param
-
-
-@pytest.fixture(params=DATA_BACKENDS)
-def data_backend(request):
-    if request.param == "dali":
-        pytest.importorskip("nvidia.dali", reason="the dali extra (nvidia-dali-cuda130) is not installed")
-    return request.param
-
-
-def make(shards, backend, **kw):
-    kw = {"batch_size": 8, "image_size": 24, "device": "cpu", "workers": 2, "seed": 3, **kw}
-    return create_loader(shards, backend=backend, **kw)
+def make(ds: Dataset, backend: str, shards=None, split: str = "train", **kw):
+    _needs(backend)
+    kw = {"batch_size": 8, "device": "cpu", "workers": 2, "seed": 3, **ds.options, **kw}
+    return create_loader(shards or ds.shards, split=ds.val if split == "val" else split, backend=backend, **kw)
 
 
 def colour_of(images_u8: torch.Tensor) -> np.ndarray:
-    """Nearest class colour of each (B, 3, H, W) uint8 image."""
-    mean = images_u8.float().mean(dim=(2, 3)).numpy()
+    """Nearest class colour of each (B, 3, H, W) uint8 image, ignoring a padded crop's zeros."""
+    x = images_u8.float()
+    inside = (x.sum(1, keepdim=True) > 0).float()
+    mean = ((x * inside).sum(dim=(2, 3)) / inside.sum(dim=(2, 3)).clamp(min=1)).numpy()
     table = np.array(CLASS_COLOURS, dtype=np.float32)
     return np.argmin(((mean[:, None, :] - table[None]) ** 2).sum(-1), axis=1)
 
@@ -52,40 +73,48 @@ def digests(batches) -> list[str]:
     return [hashlib.sha1(img.contiguous().numpy().tobytes()).hexdigest() for x, _ in batches for img in x]
 
 
-def test_output_spec_and_contract(colour_shards, backend):
-    loader = make(colour_shards, backend)
+@pytest.mark.parametrize("backend,dataset", combos(ALL_BACKENDS))
+def test_output_spec_and_contract(ds, backend, dataset):
+    loader = make(ds, backend)
     assert isinstance(loader, BatchLoader) and isinstance(loader.stats, LoaderStats)
-    assert len(loader) == TRAIN // 8 and loader.num_samples == TRAIN // 8 * 8 and loader.num_classes == 6
+    assert len(loader) == TRAIN // 8 and loader.num_samples == TRAIN // 8 * 8 and loader.num_classes == ds.classes
     batches = collect(loader)
     assert len(batches) == len(loader)
     for x, y in batches:
-        assert x.shape == (8, 3, 24, 24) and x.dtype == torch.bfloat16
+        assert x.shape == (8, 3, ds.size, ds.size) and x.dtype == torch.bfloat16
         assert x.is_contiguous(memory_format=torch.channels_last)
-        assert y.shape == (8,) and y.dtype == torch.int64 and 0 <= int(y.min()) and int(y.max()) < 6
+        assert y.shape == (8,) and y.dtype == torch.int64 and 0 <= int(y.min()) and int(y.max()) < ds.classes
         # Normalized with ImageNet statistics: within (0 - mean) / std .. (1 - mean) / std.
         assert -2.2 < float(x.float().min()) and float(x.float().max()) < 2.7
     s = loader.stats
     assert (s.samples, s.batches, s.corrupt) == (TRAIN // 8 * 8, TRAIN // 8, 0)
     assert s.wait_s >= 0 and s.read_s >= 0 and s.copy_s >= 0 and (s.decode_s is None or s.decode_s >= 0)
-    raw = collect(make(colour_shards, backend, normalize=False, channels_last=False, dtype=torch.float32))
+    raw = collect(make(ds, backend, normalize=False, channels_last=False))
     assert raw[0][0].dtype == torch.uint8 and raw[0][0].is_contiguous()
+    f32 = collect(make(ds, backend, dtype=torch.float32))
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    # (x / 255 - mean) / std, up to one uint8 level (nvjpeg normalizes before rounding to uint8).
+    assert torch.allclose(f32[0][0], (raw[0][0].float() / 255 - mean) / std, atol=0.5 / 255 / 0.224 + 1e-5)
     loader.close()
     loader.close()  # idempotent
 
 
 @pytest.mark.parametrize("split", ["train", "val"])
-def test_labels_belong_to_their_images(colour_shards, data_backend, split):
+@pytest.mark.parametrize("backend,dataset", combos(DATA_BACKENDS))
+def test_labels_belong_to_their_images(ds, backend, dataset, split):
     seen = 0
-    for x, y in make(colour_shards, data_backend, split=split, normalize=False):
+    for x, y in make(ds, backend, split=split, normalize=False):
         assert np.array_equal(colour_of(x), y.numpy())
         seen += len(y)
     assert seen == (TRAIN // 8 * 8 if split == "train" else VAL)
 
 
-def test_epochs_interleaved_with_val_as_train_run_does(colour_shards, backend):
+@pytest.mark.parametrize("backend,dataset", combos(ALL_BACKENDS))
+def test_epochs_interleaved_with_val_as_train_run_does(ds, backend, dataset):
     """train epoch, val, train epoch, val, val again, ...: every pass complete, val identical."""
-    train = make(colour_shards, backend, normalize=False)
-    val = make(colour_shards, backend, split="val", normalize=False)
+    train = make(ds, backend, normalize=False)
+    val = make(ds, backend, split="val", normalize=False)
     assert len(val) == -(-VAL // 8) and val.num_samples == VAL
     first_val = None
     orders = []
@@ -106,34 +135,37 @@ def test_epochs_interleaved_with_val_as_train_run_does(colour_shards, backend):
         assert not torch.equal(orders[0], orders[1])  # each epoch has its own order
 
 
-def test_set_epoch_selects_the_epoch_whatever_came_before(colour_shards, data_backend):
-    a = make(colour_shards, data_backend, normalize=False)
+@pytest.mark.parametrize("backend,dataset", combos(DATA_BACKENDS))
+def test_set_epoch_selects_the_epoch_whatever_came_before(ds, backend, dataset):
+    a = make(ds, backend, normalize=False)
     a.set_epoch(2)
     direct = collect(a)
-    b = make(colour_shards, data_backend, normalize=False)
+    b = make(ds, backend, normalize=False)
     for e in range(3):
         b.set_epoch(e)
         got = collect(b, limit=2 if e < 2 else None)  # abandoned epochs on the way
     assert digests(got) == digests(direct)
 
 
-def test_mid_epoch_resume_with_batches_in_flight(colour_shards, backend):
+@pytest.mark.parametrize("backend,dataset", combos(ALL_BACKENDS))
+def test_mid_epoch_resume_with_batches_in_flight(ds, backend, dataset):
     def make_loader():
-        loader = make(colour_shards, backend, normalize=False, prefetch=3)  # several batches decoding ahead
+        loader = make(ds, backend, normalize=False, prefetch=3)  # several batches decoding ahead
         loader.set_epoch(1)
         return loader
 
     state = assert_resumes_exactly(make_loader, 3, through_json=True)
     assert state["epoch"] == 1 and state["batch"] == 3
     with pytest.raises(ValueError, match="seed"):
-        make(colour_shards, backend, seed=4).load_state_dict(state)
+        make(ds, backend, seed=4).load_state_dict(state)
 
 
-def test_state_after_a_finished_epoch_resumes_into_the_next(colour_shards, data_backend):
-    a = make(colour_shards, data_backend, normalize=False)
+@pytest.mark.parametrize("backend,dataset", combos(DATA_BACKENDS))
+def test_state_after_a_finished_epoch_resumes_into_the_next(ds, backend, dataset):
+    a = make(ds, backend, normalize=False)
     collect(a)
     state = a.state_dict()
-    b = make(colour_shards, data_backend, normalize=False)
+    b = make(ds, backend, normalize=False)
     b.load_state_dict(state)
     assert collect(b) == []  # nothing left of epoch 0
     b.set_epoch(1)
@@ -141,19 +173,19 @@ def test_state_after_a_finished_epoch_resumes_into_the_next(colour_shards, data_
     assert digests(collect(b)) == digests(collect(a))
 
 
-def test_two_ranks_equal_steps_and_val_exactly_once(colour_shards, backend):
-    train = [make(colour_shards, backend, batch_size=7, rank=r, world_size=2, normalize=False) for r in range(2)]
+@pytest.mark.parametrize("backend,dataset", combos(ALL_BACKENDS))
+def test_two_ranks_equal_steps_and_val_exactly_once(ds, backend, dataset):
+    train = [make(ds, backend, batch_size=7, rank=r, world_size=2, normalize=False) for r in range(2)]
     assert len(train[0]) == len(train[1]) == TRAIN // 2 // 7
     got = [collect(t) for t in train]
     assert [len(g) for g in got] == [len(train[0])] * 2
-    val = [make(colour_shards, backend, split="val", batch_size=4, rank=r, world_size=2, normalize=False)
-           for r in range(2)]
+    val = [make(ds, backend, split="val", batch_size=4, rank=r, world_size=2, normalize=False) for r in range(2)]
     assert len(val[0]) == len(val[1]) and val[0].num_samples + val[1].num_samples == VAL
     parts = [collect(v) for v in val]
     assert sum(len(y) for p in parts for _, y in p) == VAL
     if backend == "synthetic":
         return  # one resident batch: nothing more to tell apart
-    single = collect(make(colour_shards, backend, split="val", batch_size=4, normalize=False))
+    single = collect(make(ds, backend, split="val", batch_size=4, normalize=False))
     assert sorted(digests(parts[0]) + digests(parts[1])) == sorted(digests(single))
     labels = sorted(int(v) for p in parts for _, y in p for v in y)
     assert labels == sorted(k for k in range(6) for _ in range(3))
@@ -161,21 +193,54 @@ def test_two_ranks_equal_steps_and_val_exactly_once(colour_shards, backend):
     assert not a & b  # disjoint train slices
 
 
-def test_corrupt_sample_is_counted_replaced_and_the_batch_keeps_its_size(corrupt_shards, data_backend):
-    path, bad = corrupt_shards
-    loader = make(path, data_backend, batch_size=6, normalize=False, drop_last=False)
+@pytest.mark.parametrize("backend,dataset", combos(DATA_BACKENDS))
+def test_corrupt_sample_is_counted_replaced_and_the_batch_keeps_its_size(ds, backend, dataset, tmp_path):
+    path, bad = damaged_copy(ds, tmp_path)
+    loader = make(ds, backend, shards=path, batch_size=6, normalize=False, drop_last=False)
     got = collect(loader)
     assert [len(y) for _, y in got] == [6] * 10
     assert set(loader.stats.corrupt_keys) == bad and loader.stats.corrupt == len(bad)
     for x, y in got:
         assert np.array_equal(colour_of(x), y.numpy())  # a stand-in brings its own label
-    cpu = collect(make(path, "cpu", batch_size=6, normalize=False, drop_last=False))
+    cpu = collect(make(ds, "cpu", shards=path, batch_size=6, normalize=False, drop_last=False))
     for (_, y1), (_, y2) in zip(got, cpu):
         assert torch.equal(y1, y2)  # the same stand-ins in every backend
 
 
-def test_state_is_plain_data(colour_shards, backend):
-    loader = make(colour_shards, backend)
+@pytest.mark.parametrize("backend,dataset", combos(ALL_BACKENDS))
+def test_state_is_plain_data(ds, backend, dataset):
+    loader = make(ds, backend)
     next(iter(loader))
     state = loader.state_dict()
     assert json.loads(json.dumps(state)) == state
+
+
+def damaged_copy(ds: Dataset, tmp_path) -> tuple:
+    """A copy of the dataset with four damaged image members: three without a header, one cut
+    right after its header (every decoder reads the header, then fails)."""
+    import shutil
+
+    out = tmp_path / "damaged"
+    shutil.copytree(ds.shards, out)
+    ext = "png" if ds.name == "cifar" else "jpg"
+    keep = {"png": 33, "jpg": None}[ext]  # PNG: signature and IHDR; JPEG: up to its scan
+
+    def no_header(m):
+        return {**m, ext: b"NOTANIMAGE" * 4 + m[ext][40:]}
+
+    def header_only(m):
+        data = m[ext]
+        if ext == "jpg":
+            sos = data.index(b"\xff\xda")
+            return {**m, ext: data[:sos + 2 + int.from_bytes(data[sos + 2:sos + 4], "big")]}
+        return {**m, ext: data[:keep]}
+
+    shards = len(load_manifest(out)["splits"]["train"]["shards"])
+    bad = {rewrite_shard(out, "train", shard % shards, pos, no_header) for shard, pos in ((0, 1), (1, 0), (2, 2))}
+    bad.add(rewrite_shard(out, "train", 3 % shards, 5, header_only))
+    return out, bad
+
+
+def test_resident_refuses_a_transform_that_resizes(colour_shards):
+    with pytest.raises(ValueError, match="crop='padded'"):
+        create_loader(colour_shards, backend="resident", device="cpu", batch_size=8)

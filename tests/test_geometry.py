@@ -105,3 +105,51 @@ def test_train_crops_differ_between_epochs_and_seeds(coord_shards):
     differs = lambda u, v: (u.int() - v.int()).abs().float().mean() > 3  # noqa: E731
     assert sum(differs(first[s], second[s]) for s in common) >= 0.8 * len(common)
     assert sum(differs(first[s], other[s]) for s in common) >= 0.8 * len(common)
+
+
+@pytest.fixture(scope="module")
+def coord_cifar(tmp_path_factory):
+    """CIFAR-10-format coordinate images (32 x 32 PNGs in the shards, so lossless)."""
+    import pickle
+
+    from conftest import coordinate_image
+    from convert.cifar_to_shards import convert
+
+    base = tmp_path_factory.mktemp("coord-cifar")
+    src = base / "cifar-10-batches-py"
+    src.mkdir()
+    for b, name in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
+        imgs = [coordinate_image(32, 32, 4 * b + i, i % 3) for i in range(4)]
+        data = np.stack(imgs).transpose(0, 3, 1, 2).reshape(len(imgs), 3072)
+        (src / name).write_bytes(pickle.dumps({b"labels": [i % 3 for i in range(4)], b"data": data}, protocol=2))
+    (src / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"c%d" % i for i in range(10)]}, protocol=2))
+    convert(src, base / "shards", workers=1, progress=False)
+    return base / "shards"
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+@pytest.mark.parametrize("backend", ["cpu", "nvjpeg", "dali", "resident"])
+def test_padded_crops_are_torchvisions_random_crop_exactly(coord_cifar, backend, split):
+    """CIFAR's recipe: RandomCrop(32, padding=4) (zero fill) + flip; CenterCrop(32) at test."""
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali", reason="the dali extra (nvidia-dali-cuda130) is not installed")
+    import torchvision.transforms.functional as F
+
+    loader = create_loader(coord_cifar, split=split, backend=backend, batch_size=4, image_size=32, device="cpu",
+                           workers=2, normalize=False, crop="padded", seed=8)
+    loader.set_epoch(2)
+    t = loader.cfg.transform
+    n = moved = 0
+    for ids, (x, _) in zip(loader.batch_sample_ids(), collect(loader)):
+        for sid, img in zip(ids, x):
+            im = Image.open(io.BytesIO(bytes(SampleReader(loader.table).bytes(int(sid)))))
+            boxes, flips = t.params(8, 2, [int(sid)], [[32, 32]])
+            left, top = int(boxes[0, 0]), int(boxes[0, 1])
+            ref = F.crop(F.pad(im, 4), top + 4, left + 4, 32, 32)  # what RandomCrop(32, padding=4) does
+            ref = np.asarray(F.hflip(ref) if flips[0] else ref)
+            assert np.array_equal(img.permute(1, 2, 0).numpy(), ref)
+            n += 1
+            moved += (left, top) != (0, 0)
+    assert n == 20 if split == "train" else n == 4
+    if split == "train":
+        assert moved >= n // 2  # the crops really move
