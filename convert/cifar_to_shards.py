@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.shard_format import PNG_EXT, Sample, sample_key
+from pipeline.shard_format import PNG_EXT, Sample, pixel_stats, sample_key
 
 from .runner import ConvertError, Item, default_workers, format_summary, plan_shards, run_conversion
 
@@ -170,12 +170,14 @@ def convert(src: Path, out: Path, shard_size_mb: float = 32, seed: int = 49, wor
     classes = _names(meta, "fine_label_names" if cifar100 else "label_names")
     label_key = "fine_labels" if cifar100 else "labels"
     options = {"seed": seed, "shard_size_mb": shard_size_mb, "variant": "cifar100" if cifar100 else "cifar10"}
-    planned = {}
+    planned, extra = {}, {"image_size": [32, 32]}
     for split in ("train", "test"):
-        rows = []
+        rows, pixels = [], []
         for name in variant[split]:
             batch = source.load(name)
             data, labels, coarse = _batch_arrays(batch, f"{src}:{name}", label_key)
+            if split == "train":
+                pixels.append(data)
             for i in range(len(data)):
                 if not 0 <= labels[i] < len(classes):
                     raise ConvertError(f"{src}:{name}: label {labels[i]} of row {i} is out of range")
@@ -185,9 +187,13 @@ def convert(src: Path, out: Path, shard_size_mb: float = 32, seed: int = 49, wor
         items = [Item(sample_key(j), f"{split}/{rows[i][0]}", rows[i][1], 3100, (rows[i][2], rows[i][3]))
                  for j, i in enumerate(order)]
         planned[split] = plan_shards(split, items, int(shard_size_mb * 1e6), encode_cifar, options)
-    extra_classes = {"coarse_classes": _names(meta, "coarse_label_names")} if cifar100 else {}
+        if split == "train":
+            # The rows are planar RGB (3 x 1024): the normalization a training recipe wants.
+            extra["pixel_stats"] = pixel_stats(np.concatenate(pixels).reshape(-1, 3, 1024))
+    if cifar100:
+        extra["coarse_classes"] = _names(meta, "coarse_label_names")
     manifest, reports = run_conversion(out, TOOL, classes, planned, options, workers or default_workers(),
-                                       strict=True, extra=extra_classes, progress=progress)
+                                       strict=True, extra=extra, progress=progress)
     return manifest, format_summary(reports, time.perf_counter() - t0)
 
 

@@ -26,6 +26,10 @@ The manifest (version 2):
 instead of reading each `.cls` member (version 1 manifests have no table; their labels are read
 from the `.cls` members). `plan` fingerprints what a converter planned for the shard; `complete`
 is false while a conversion is still running.
+
+Optional top-level keys a converter may add: `image_size` ([width, height], when every image has
+that size), `pixel_stats` ({"split", "mean", "std"}: per-channel RGB statistics of a split, in
+0..1 units, for normalization) and `coarse_classes` (CIFAR-100's superclass names).
 """
 from __future__ import annotations
 
@@ -307,6 +311,14 @@ def new_manifest(tool: str, options: dict, classes: list[str], splits: dict[str,
     return m
 
 
+def pixel_stats(pixels_nchw) -> dict:
+    """`pixel_stats` of uint8 images (N, 3, ...): per-channel mean and std in 0..1 units."""
+    x = pixels_nchw.reshape(pixels_nchw.shape[0], 3, -1).astype("float64") / 255.0
+    mean = x.mean(axis=(0, 2))
+    std = x.std(axis=(0, 2))
+    return {"split": "train", "mean": [round(float(v), 4) for v in mean], "std": [round(float(v), 4) for v in std]}
+
+
 def write_manifest(out_dir: str | os.PathLike, manifest: dict) -> None:
     atomic_write_bytes(Path(out_dir) / MANIFEST_NAME, (json.dumps(manifest, indent=1) + "\n").encode())
 
@@ -325,6 +337,15 @@ def parse_manifest(text: str | bytes, origin: str = "manifest") -> dict:
     classes = m.get("classes")
     if not isinstance(classes, list) or not isinstance(m.get("splits"), dict):
         raise ManifestError(f"{origin}: missing 'classes' or 'splits'")
+    size = m.get("image_size")
+    if size is not None and not (isinstance(size, list) and len(size) == 2 and all(type(v) is int and v > 0
+                                                                                    for v in size)):
+        raise ManifestError(f"{origin}: 'image_size' must be [width, height]")
+    stats = m.get("pixel_stats")
+    if stats is not None and not (isinstance(stats, dict) and all(
+            isinstance(stats.get(k), list) and len(stats[k]) == 3 and all(isinstance(v, (int, float)) for v in stats[k])
+            for k in ("mean", "std")) and all(v > 0 for v in stats["std"])):
+        raise ManifestError(f"{origin}: 'pixel_stats' must hold three-channel 'mean' and positive 'std'")
     for split, info in m["splits"].items():
         shards = info.get("shards") if isinstance(info, dict) else None
         if not isinstance(shards, list):

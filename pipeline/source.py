@@ -187,11 +187,7 @@ def open_split(shards: str | os.PathLike, split: str) -> SampleTable:
         return _build(split, urls, indexes, True, manifest["classes"], [e.get("labels") for e in entries])
     if is_url(spec) or "{" in spec or spec.endswith(fmt.TAR_SUFFIX):
         return _open_pattern(spec, split)
-    folder = Path(spec)
-    if folder.is_file() and folder.name == fmt.MANIFEST_NAME:
-        folder = folder.parent
-    if not folder.is_dir():
-        raise ShardError(f"shards {spec}: no such directory")
+    folder = _local_folder(spec)
     manifest = fmt.load_manifest(folder)
     origin = str(folder / fmt.MANIFEST_NAME)
     entries = fmt.split_shards(manifest, split, origin)
@@ -203,6 +199,29 @@ def open_split(shards: str | os.PathLike, split: str) -> SampleTable:
                    [e.get("labels") for e in entries])
     _read_local_labels(table)  # version 1 manifests carry no label table
     return table
+
+
+def read_manifest(shards: str | os.PathLike) -> dict | None:
+    """The manifest behind `shards`: the folder's, the URL itself, or the one beside a pattern's
+    first shard; None when there is none (foreign shards)."""
+    spec = str(shards)
+    if is_url(spec) and spec.endswith(".json"):
+        return fmt.parse_manifest(http_get(spec), spec)
+    if is_url(spec) or "{" in spec or spec.endswith(fmt.TAR_SUFFIX):
+        from braceexpand import braceexpand
+
+        return _manifest_beside(next(iter(braceexpand(spec))), is_url(spec))[0]
+    return fmt.load_manifest(_local_folder(spec))
+
+
+def _local_folder(spec: str) -> Path:
+    """A local dataset folder, given as the folder or its manifest.json."""
+    folder = Path(spec)
+    if folder.is_file() and folder.name == fmt.MANIFEST_NAME:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ShardError(f"shards {spec}: no such directory")
+    return folder
 
 
 def _manifest_beside(url: str, remote: bool) -> tuple[dict | None, str]:

@@ -127,6 +127,11 @@ def test_cifar_round_trip_is_pixel_exact(tmp_path, variant, archive, writer):
     assert len(m["classes"]) == (10 if variant == "cifar10" else 100)
     if variant == "cifar100":
         assert m["coarse_classes"][3] == "k3"
+    # The train split's per-channel statistics, for the CIFAR recipe's normalization.
+    train = np.stack([v[0] for k, v in truth.items() if k[0] == "train"]).reshape(-1, 3, 1024) / 255.0
+    assert m["image_size"] == [32, 32] and m["pixel_stats"]["split"] == "train"
+    assert np.allclose(m["pixel_stats"]["mean"], train.mean(axis=(0, 2)), atol=1e-4)
+    assert np.allclose(m["pixel_stats"]["std"], train.std(axis=(0, 2)), atol=1e-4)
     for split in ("train", "test"):
         _, rows = read_split(out, split)
         assert len(rows) == sum(1 for k in truth if k[0] == split)

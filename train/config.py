@@ -56,10 +56,19 @@ class TrainConfig:
                     default=False)
     loss_scale: str = opt("--loss-scale", help="fp16 loss scale: a number, or dynamic", default="dynamic")
     opt_level: str = opt("--opt-level", help="O0, O1 or O2 (apex meanings)", default="O2")
-    warm_up_epochs: int = opt("--warm-up-epochs", "--warm_up_epochs", help="linear warmup epochs", default=5)
+    warm_up_epochs: float | None = opt("--warm-up-epochs", "--warm_up_epochs",
+                                       help="linear warmup epochs (default: 5, at most a tenth of the run)",
+                                       default=None)
     label_smoothing: float = opt("--label-smoothing", help="cross-entropy label smoothing", default=0.0)
     # -- our flags --------------------------------------------------------------------------
-    image_size: int = opt("--image-size", help="train crop size", default=224)
+    recipe: str = opt("--recipe", help="auto (from the shards' manifest), imagenet or cifar", default="auto",
+                      meta={"choices": ("auto", "imagenet", "cifar")})
+    image_size: int = opt("--image-size", help="train crop size (default: the recipe's, 224 or 32)", default=0)
+    val_split: str = opt("--val-split", help="split to evaluate on (default: the recipe's, val or test)", default="")
+    crop: str = opt("--crop", help="resized (RandomResizedCrop) or padded (CIFAR's RandomCrop); default: the recipe's",
+                    default="", meta={"choices": ("resized", "padded")})
+    stem: str = opt("--stem", help="auto (cifar at 48 px or less), imagenet, or cifar (3x3 stride-1 conv, no max-pool)",
+                    default="auto", meta={"choices": ("auto", "imagenet", "cifar")})
     val_resize: int | None = opt("--val-resize", help="val resize before the centre crop (default size*256/224)",
                                  default=None)
     amp_dtype: str = opt("--amp-dtype", help="bf16 or fp16 (default bf16 where supported)", default="")
@@ -76,6 +85,9 @@ class TrainConfig:
     optimizer: str = opt("--optimizer", help="fused or foreach SGD", default="fused",
                          meta={"choices": ("fused", "foreach")})
     eval_every: int = opt("--eval-every", help="evaluate every N epochs (0: only at the end)", default=1)
+    # -- resolved from the recipe (no flags) --------------------------------------------------
+    mean: tuple = field(default=(), metadata={})
+    std: tuple = field(default=(), metadata={})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -92,11 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", nargs="?", default=None, help="shard folder (the seed's positional DIR)")
     for f in fields(TrainConfig):
         meta = f.metadata
+        if "flags" not in meta:
+            continue  # resolved later, never given on the command line
         kw = {"dest": f.name, "help": meta["help"], "default": argparse.SUPPRESS}
         if f.type in ("bool", bool):
             kw["action"] = "store_true"
         else:
-            t = {"int": int, "float": float, "int | None": int}.get(str(f.type), str)
+            t = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str)
             kw["type"] = t
             if "choices" in meta:
                 kw["choices"] = meta["choices"]
@@ -132,12 +146,16 @@ def validate(cfg: TrainConfig, given: set[str]) -> None:
                 raise ValueError
         except ValueError:
             raise UsageError(f"--loss-scale {cfg.loss_scale!r}: expected a positive number or 'dynamic'") from None
-    for name in ("batch_size", "epochs", "image_size", "print_freq"):
+    for name in ("batch_size", "epochs", "print_freq"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
-    for name in ("workers", "max_steps", "save_every", "warm_up_epochs", "start_epoch", "eval_every"):
+    if "image_size" in given and cfg.image_size < 8:
+        raise UsageError("--image-size must be >= 8")
+    for name in ("workers", "max_steps", "save_every", "start_epoch", "eval_every"):
         if getattr(cfg, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0")
+    if cfg.warm_up_epochs is not None and cfg.warm_up_epochs < 0:
+        raise UsageError("--warm-up-epochs must be >= 0")
     from pipeline.backends import BACKENDS
 
     if cfg.backend != "auto" and cfg.backend not in BACKENDS:
@@ -146,6 +164,8 @@ def validate(cfg: TrainConfig, given: set[str]) -> None:
         raise UsageError(f"--synthetic conflicts with --backend {cfg.backend}")
     if cfg.demo and "shards" in given:
         raise UsageError("--demo makes its own dataset; it conflicts with --shards/--data")
+    if cfg.device.split(":")[0] not in ("cuda", "gpu", "npu", "cpu"):
+        raise UsageError(f"--device {cfg.device!r}: expected cuda, gpu, npu or cpu")
     if cfg.cuda_graph and cfg.device.split(":")[0] not in ("cuda", "gpu"):
         raise UsageError(f"--cuda-graph needs --device cuda, not {cfg.device}")
     if cfg.multiprocessing_distributed and "RANK" in os.environ and "LOCAL_RANK" in os.environ:

@@ -22,7 +22,8 @@ DEMO = dict(arch="resnet18", image_size=64, batch_size=64, epochs=12, lr=0.05, w
             workers=2, print_freq=10, output="runs/demo", weight_decay=5e-5, no_bn_wd=True)
 
 
-def prepare_demo(cfg: TrainConfig, given: set[str]) -> TrainConfig:
+def prepare_demo(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, set[str]]:
+    """The demo's config, and the flags now set (the demo's choices count as given)."""
     from convert.imagenet_to_shards import convert
     from convert.synthetic import COMPLETE_MARKER, SyntheticConfig, generate
     from pipeline.shard_format import is_complete
@@ -41,7 +42,7 @@ def prepare_demo(cfg: TrainConfig, given: set[str]) -> TrainConfig:
     device = overrides.get("device", cfg.device)
     if "amp" not in given and (device != "cpu" or _cpu_has_fast_bf16()):
         overrides["amp"] = True  # O2 bf16: the product's default step; a CPU without bf16 units stays fp32
-    return replace(cfg, shards=str(shards), **overrides)
+    return replace(cfg, shards=str(shards), **overrides), given | set(overrides) | {"shards"}
 
 
 def _cpu_has_fast_bf16() -> bool:

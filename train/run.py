@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from pipeline.shard_format import ManifestError, ShardError
 
+from . import recipes
 from .checkpoint import copy_atomic, load, save_atomic, strip_module_prefix
 from .config import TrainConfig, UsageError, parse_args
 from .devices import Device, DeviceError, resolve_device
@@ -98,16 +99,17 @@ def build_loaders(cfg: TrainConfig, device: Device, info: DistInfo, input_dtype:
 
     backend = "synthetic" if cfg.synthetic else cfg.backend
     common = dict(image_size=cfg.image_size, device=str(device.torch_device), workers=cfg.workers, seed=cfg.seed,
-                  rank=info.rank, world_size=info.world, dtype=input_dtype, channels_last=True)
+                  rank=info.rank, world_size=info.world, dtype=input_dtype, channels_last=True, crop=cfg.crop,
+                  mean=cfg.mean, std=cfg.std)
     train = create_loader(cfg.shards, split="train", batch_size=cfg.batch_size, backend=backend, **common)
     val = None
     if cfg.shards is not None and backend != "synthetic":
         try:
-            val = create_loader(cfg.shards, split="val", batch_size=cfg.batch_size, backend=backend,
+            val = create_loader(cfg.shards, split=cfg.val_split, batch_size=cfg.batch_size, backend=backend,
                                 val_resize=cfg.val_resize, **common)
         except ShardError as e:  # a dataset without val trains without evaluation, and says so
             if info.main:
-                print(f"warning: no val split ({e}); training without evaluation", file=sys.stderr)
+                print(f"warning: no {cfg.val_split} split ({e}); training without evaluation", file=sys.stderr)
     return train, val
 
 
@@ -150,6 +152,9 @@ def save_checkpoint(path: Path, cfg: TrainConfig, model, optimizer, precision, l
 
 
 def train(cfg: TrainConfig, spawn_index: int | None = None) -> dict:
+    """Train with a config resolved by `resolve` (its recipe applied)."""
+    if not cfg.mean or cfg.warm_up_epochs is None:
+        raise ValueError("train() needs a config resolved by train.run.resolve (the recipe applied)")
     info, device = setup_distributed(cfg, spawn_index)
     out = Path(cfg.output)
     if info.main:
@@ -163,7 +168,7 @@ def train(cfg: TrainConfig, spawn_index: int | None = None) -> dict:
     precision = Precision(opt_level, amp_dtype, cfg.loss_scale, device.kind)
     train_loader, val_loader = build_loaders(cfg, device, info, precision.input_dtype)
     model, optimizer, opt_name = build(cfg.arch, num_classes(train_loader), device, precision, cfg.lr, cfg.momentum,
-                                       cfg.weight_decay, cfg.no_bn_wd, cfg.optimizer, seed=cfg.seed)
+                                       cfg.weight_decay, cfg.no_bn_wd, cfg.optimizer, seed=cfg.seed, stem=cfg.stem)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     bare = model
     if info.world > 1:
@@ -194,6 +199,7 @@ def train(cfg: TrainConfig, spawn_index: int | None = None) -> dict:
                     "optimizer_impl": opt_name, "world_size_effective": info.world, "device_name": device.name(),
                     "torch": torch.__version__, "code_version": code_version(), "steps_per_epoch": steps_per_epoch}
         (out / "config.json").write_text(json.dumps(resolved, indent=1))
+    log.info(recipes.describe(cfg, info.world))
     precision_name = str(amp_dtype).replace("torch.", "") if opt_level != "O0" else "fp32"
     log.info(f"=> {cfg.arch} on {device.name()} x{info.world}, {opt_level} ({precision_name}), "
              f"optimizer {opt_name}, batch {cfg.batch_size}/process, {steps_per_epoch} steps/epoch, "
@@ -313,13 +319,22 @@ def _spawn_entry(index: int, cfg: TrainConfig) -> None:
         print(results_table(result))
 
 
+def resolve(cfg: TrainConfig, given: set[str]) -> TrainConfig:
+    """The recipe the shards' manifest asks for, applied where the command line left a choice open."""
+    from pipeline.source import read_manifest
+
+    manifest = read_manifest(cfg.shards) if cfg.shards and not cfg.synthetic else None
+    return recipes.apply(cfg, given, manifest)[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg, given = parse_args(argv)
         if cfg.demo:
             from .demo import prepare_demo
 
-            cfg = prepare_demo(cfg, given)
+            cfg, given = prepare_demo(cfg, given)
+        cfg = resolve(cfg, given)
         if cfg.multiprocessing_distributed:
             devices = [d for d in cfg.device_list.split(",") if d != ""]
             port = cfg.dist_url.rsplit(":", 1)[-1] if cfg.dist_url.startswith("tcp://") else "29688"
