@@ -226,11 +226,11 @@ def test_a_pattern_is_checked_against_its_split(colour_shards, tmp_path):
 def test_train_run_never_validates_on_train_shards(colour_shards, tmp_path):
     from train.config import parse_args
     from train.devices import resolve_device
-    from train.run import DistInfo, build_loaders
+    from train.run import DistInfo, build_loaders, resolve
 
     names = [s["name"] for s in load_manifest(colour_shards)["splits"]["train"]["shards"]]
     pattern = str(colour_shards / f"train-{{000000..{len(names) - 1:06d}}}.tar")
-    cfg, _ = parse_args(["--shards", pattern, "--device", "cpu", "-b", "8", "-j", "1", "--image-size", "16"])
+    cfg = resolve(*parse_args(["--shards", pattern, "--device", "cpu", "-b", "8", "-j", "1", "--image-size", "16"]))
     train, val = build_loaders(cfg, resolve_device("cpu"), DistInfo(), torch.float32)
     assert len(train) == 60 // 8 and val is None  # a warning, and no val "accuracy" measured on train
 
