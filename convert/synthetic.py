@@ -7,6 +7,7 @@ single pixel statistic. Images default to ImageNet-like sizes (mostly 500x375 or
 110 KB at q90), so loader and converter benchmarks see realistic decode costs.
 
     python -m convert.synthetic --out DIR [--classes K --per-class N --val-per-class M --seed S]
+    python -m convert.synthetic --out DIR --format cifar --size 128   # CIFAR-10's python files, 32 px
 
 Output is deterministic from the seed: image i of class k is drawn from an RNG keyed on
 (seed, split, k, i), independent of the worker count.
@@ -209,6 +210,57 @@ def generate(out: str | os.PathLike, cfg: SyntheticConfig, workers: int | None =
     return out
 
 
+CIFAR_SIZE = 32
+
+
+def _cifar_row(job: tuple[int, int, str, SyntheticConfig]) -> np.ndarray:
+    """One image as a CIFAR row: the render's centre square, downscaled (antialiased) to 32 x 32,
+    planar RGB (3 x 1024 bytes)."""
+    k, index, split, cfg = job
+    im = render(k, index, split, cfg)
+    side = min(im.size)
+    left, top = (im.width - side) // 2, (im.height - side) // 2
+    im = im.crop((left, top, left + side, top + side)).resize((CIFAR_SIZE, CIFAR_SIZE), Image.Resampling.LANCZOS)
+    return np.asarray(im, np.uint8).transpose(2, 0, 1).reshape(-1)
+
+
+def generate_cifar(out: str | os.PathLike, cfg: SyntheticConfig, workers: int | None = None,
+                   progress: bool = True) -> Path:
+    """Write the dataset in the layout of CIFAR-10's python download (OUT/cifar-10-batches-py:
+    data_batch_1..5, test_batch, batches.meta) at 32 x 32, the val images as the test batch;
+    return the folder. The pickles are what `convert.cifar_to_shards` and torchvision's CIFAR10
+    read."""
+    import pickle
+
+    folder = Path(out) / "cifar-10-batches-py"
+    marker = folder / COMPLETE_MARKER
+    if marker.exists() and json.loads(marker.read_text()) == _marker(cfg):
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    jobs = {split: [(k, i, split, cfg) for i in range(n) for k in range(cfg.classes)]
+            for split, n in (("train", cfg.per_class), ("val", cfg.val_per_class))}
+    bar = _progress_bar(sum(len(j) for j in jobs.values()), progress)
+    rows = {}
+    with ProcessPoolExecutor(workers or os.cpu_count() or 1) as pool:
+        for split, js in jobs.items():
+            rows[split] = []
+            for row in pool.map(_cifar_row, js, chunksize=32):
+                rows[split].append(row)
+                bar.update(1)
+    bar.close()
+    batches = [(f"data_batch_{b + 1}", part) for b, part in enumerate(np.array_split(np.arange(len(jobs["train"])), 5))]
+    for name, idx, split in [(n, i, "train") for n, i in batches] + [("test_batch", np.arange(len(jobs["val"])), "val")]:
+        data = np.stack([rows[split][i] for i in idx]) if len(idx) else np.zeros((0, 3072), np.uint8)
+        labels = [jobs[split][i][0] for i in idx]
+        body = {b"batch_label": name.encode(), b"labels": labels, b"data": data,
+                b"filenames": [f"{wnid(jobs[split][i][0])}_{jobs[split][i][1]}.png".encode() for i in idx]}
+        (folder / name).write_bytes(pickle.dumps(body, protocol=2))
+    meta = {b"label_names": [wnid(k).encode() for k in range(cfg.classes)], b"num_cases_per_batch": len(batches[0][1])}
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+    marker.write_text(json.dumps(_marker(cfg)))
+    return folder
+
+
 def _marker(cfg: SyntheticConfig) -> dict:
     """What a finished dataset records, and what a cached one must match."""
     return {**asdict(cfg), "generator": GENERATOR_VERSION}
@@ -230,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=SyntheticConfig.size, help="longer side in pixels")
     p.add_argument("--quality", type=int, default=SyntheticConfig.quality)
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--format", choices=("imagefolder", "cifar"), default="imagefolder",
+                   help="an ImageFolder of JPEGs, or CIFAR-10's python files at 32 x 32 (rendered at --size)")
     a = p.parse_args(argv)
     for name in ("classes", "size", "quality"):
         if getattr(a, name) < 1:
@@ -238,8 +292,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--per-class and --val-per-class must be >= 0")
     cfg = SyntheticConfig(classes=a.classes, per_class=a.per_class, val_per_class=a.val_per_class,
                           seed=a.seed, size=a.size, quality=a.quality)
-    generate(a.out, cfg, workers=a.workers)
-    print(f"wrote {cfg.classes * (cfg.per_class + cfg.val_per_class)} images to {a.out}")
+    where = generate_cifar(a.out, cfg, workers=a.workers) if a.format == "cifar" else generate(a.out, cfg, a.workers)
+    print(f"wrote {cfg.classes * (cfg.per_class + cfg.val_per_class)} images to {where}")
     return 0
 
 

@@ -74,3 +74,24 @@ def test_train_run_on_cifar_shards_evaluates_on_test_at_32_px(cifar_shards, tmp_
     assert len(acc) == 4 and acc[-1] >= 50.0, acc  # 6 colour classes: chance is 17 %
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pth.tar", weights_only=True)
     assert ckpt["state_dict"]["conv1.weight"].shape == (64, 3, 3, 3)
+
+
+def test_the_demo_sizes_its_run_from_the_measured_step(tmp_path, monkeypatch):
+    from train import demo
+
+    monkeypatch.setattr(demo, "DEMO_DATA", tmp_path)
+    monkeypatch.setattr(demo, "DATASET", dict(classes=3, per_class=4, val_per_class=2, size=40))
+    train_images = 3 * 4
+    real_measure = demo.measure_step
+    for rate in (0.5, 1.0, 10.0):
+        # images per second that fit `epochs` epochs of 12 images into the budget
+        monkeypatch.setattr(demo, "measure_step", lambda cfg, r=rate: r * train_images * 8 / demo.TRAIN_BUDGET_S)
+        cfg, given = parse_args(["--demo"])
+        cfg, given = demo.prepare_demo(cfg, given)
+        assert cfg.epochs == max(demo.MIN_EPOCHS, min(demo.MAX_EPOCHS, int(8 * rate))) and "epochs" in given
+        assert cfg.image_size == 48 and cfg.arch == "resnet18"
+    cfg, given = parse_args(["--demo", "--epochs", "2"])
+    assert demo.prepare_demo(cfg, given)[0].epochs == 2  # an explicit --epochs is kept, untimed
+    # The timing itself runs the real step.
+    cfg = demo.prepare_demo(*parse_args(["--demo", "--epochs", "1", "--device", "cpu"]))[0]
+    assert real_measure(cfg, steps=1) > 0

@@ -65,9 +65,11 @@ class TrainConfig:
                       meta={"choices": ("auto", "imagenet", "cifar")})
     image_size: int = opt("--image-size", help="train crop size (default: the recipe's, 224 or 32)", default=0)
     val_split: str = opt("--val-split", help="split to evaluate on (default: the recipe's, val or test)", default="")
+    min_crop_scale: float = opt("--min-crop-scale", help="RandomResizedCrop's smallest area, as a fraction (0.08)",
+                                default=0.08)
     crop: str = opt("--crop", help="resized (RandomResizedCrop) or padded (CIFAR's RandomCrop); default: the recipe's",
                     default="", meta={"choices": ("resized", "padded")})
-    stem: str = opt("--stem", help="auto (cifar at 48 px or less), imagenet, or cifar (3x3 stride-1 conv, no max-pool)",
+    stem: str = opt("--stem", help="auto (cifar at 40 px or less), imagenet, or cifar (3x3 stride-1 conv, no max-pool)",
                     default="auto", meta={"choices": ("auto", "imagenet", "cifar")})
     val_resize: int | None = opt("--val-resize", help="val resize before the centre crop (default size*256/224)",
                                  default=None)
@@ -174,5 +176,7 @@ def validate(cfg: TrainConfig, given: set[str]) -> None:
         raise UsageError("--evaluate needs --resume CHECKPOINT")
     if not (cfg.shards or cfg.demo or cfg.synthetic):
         raise UsageError("no data: give --shards DIR (or --data DIR), --synthetic, or --demo")
+    if not 0 < cfg.min_crop_scale <= 1:
+        raise UsageError("--min-crop-scale must be in (0, 1]")
     if cfg.label_smoothing < 0 or cfg.label_smoothing >= 1:
         raise UsageError("--label-smoothing must be in [0, 1)")

@@ -100,7 +100,7 @@ def build_loaders(cfg: TrainConfig, device: Device, info: DistInfo, input_dtype:
     backend = "synthetic" if cfg.synthetic else cfg.backend
     common = dict(image_size=cfg.image_size, device=str(device.torch_device), workers=cfg.workers, seed=cfg.seed,
                   rank=info.rank, world_size=info.world, dtype=input_dtype, channels_last=True, crop=cfg.crop,
-                  mean=cfg.mean, std=cfg.std)
+                  mean=cfg.mean, std=cfg.std, scale=(cfg.min_crop_scale, 1.0))
     train = create_loader(cfg.shards, split="train", batch_size=cfg.batch_size, backend=backend, **common)
     val = None
     if cfg.shards is not None and backend != "synthetic":
