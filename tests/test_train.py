@@ -115,6 +115,42 @@ def test_precision_o2_fp16_skips_overflow_steps():
     assert torch.equal(model[0].weight, p.master_params[0].half())  # masters copied back
 
 
+def test_fused_sgd_falls_back_to_foreach_where_torch_refuses_it():
+    # torch refuses fused SGD on "meta" tensors: torch 2.4 in the constructor, later versions only
+    # at the first step(), which is where an unprobed fused optimizer would crash training.
+    import logging
+
+    from train.devices import Device, build_sgd
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    log = logging.getLogger("train")
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)  # as train.run's setup_logging sets it
+    try:
+        w, b = (torch.nn.Parameter(torch.zeros(shape, device="meta")) for shape in ((4, 3), (3,)))
+        groups = [{"params": iter([w]), "weight_decay": 1e-4}, {"params": [b], "weight_decay": 0.0}]
+        opt, name = build_sgd(groups, 0.1, 0.9, 1e-4, Device("meta"))
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    assert name == "SGD(foreach=True)" and not opt.defaults.get("fused")
+    assert [len(g["params"]) for g in opt.param_groups] == [1, 1]  # the iterator survived the probe
+    for p in (w, b):
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert opt.state[w]["momentum_buffer"].shape == w.shape
+    assert any("fused SGD unavailable" in r.getMessage() and "meta" in r.getMessage() for r in records)
+    # Where the kernel runs (cpu, torch >= 2.4) fused SGD stays, and steps.
+    c = torch.nn.Parameter(torch.zeros(3))
+    opt, name = build_sgd(iter([c]), 0.1, 0.9, 0.0, Device("cpu"))
+    c.grad = torch.ones(3)
+    opt.step()
+    assert name == "SGD(fused=True)" and opt.defaults["fused"] and torch.allclose(c, torch.full((3,), -0.1))
+
+
 def _run_until(cmd, env, until, timeout=300):
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + timeout

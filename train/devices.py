@@ -3,6 +3,7 @@ collective backend, the autocast device type, the fused optimizer, and synchroni
 from __future__ import annotations
 
 import importlib
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -80,12 +81,34 @@ def resolve_device(name: str, local_rank: int | None = None) -> Device:
     raise DeviceError(f"--device {name!r}: expected cuda, gpu, npu or cpu")
 
 
+def _tensors(params) -> list:
+    return [params] if isinstance(params, torch.Tensor) else list(params)
+
+
+def _fused_sgd_refusal(groups: list, lr: float, momentum: float, weight_decay: float) -> str | None:
+    """None when torch's fused SGD steps a tensor of every (device, dtype) among the params, else
+    why not. torch 2.4 checks in the constructor, later versions at the first step(), and a
+    device can pass the check yet lack the kernel: a real step on throwaway tensors settles it
+    before training, in every version."""
+    kinds = {(p.device, p.dtype) for g in groups for p in (g["params"] if isinstance(g, dict) else [g])}
+    for dev, dtype in sorted(kinds, key=str):
+        probe = torch.zeros(2, device=dev, dtype=dtype, requires_grad=True)
+        probe.grad = torch.ones_like(probe)
+        try:
+            torch.optim.SGD([probe], lr=lr, momentum=momentum, weight_decay=weight_decay, fused=True).step()
+        except (RuntimeError, TypeError, ValueError) as e:  # NotImplementedError is a RuntimeError
+            why = (str(e).splitlines() or [type(e).__name__])[0]
+            return f"{dev.type} {str(dtype).replace('torch.', '')}: {why}"
+    return None
+
+
 def build_sgd(params, lr: float, momentum: float, weight_decay: float, device: Device,
               prefer: str = "fused") -> tuple[torch.optim.Optimizer, str]:
-    """The fastest SGD the device has, and its name for the log.
+    """The fastest SGD that steps these params, and its name for the log.
 
-    cuda (and cpu on torch builds that have it): torch's fused SGD; npu: torch_npu's fused SGD
-    when importable; otherwise foreach (multi-tensor) SGD.
+    cuda (and cpu on torch builds that have it): torch's fused SGD, when a probe step on each
+    (device, dtype) of the params runs; npu: torch_npu's fused SGD when importable; otherwise
+    foreach (multi-tensor) SGD, with the reason logged.
     """
     if device.kind == "npu" and prefer == "fused":
         try:
@@ -94,11 +117,13 @@ def build_sgd(params, lr: float, momentum: float, weight_decay: float, device: D
             return NpuFusedSGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay), "NpuFusedSGD"
         except ImportError:
             prefer = "foreach"
+    # Read twice (by the probe, then by the optimizer): iterators become lists.
+    params = [{**g, "params": _tensors(g["params"])} if isinstance(g, dict) else g for g in params]
     if prefer == "fused":
-        try:
+        refusal = _fused_sgd_refusal(params, lr, momentum, weight_decay)
+        if refusal is None:
             opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=True)
             return opt, "SGD(fused=True)"
-        except (RuntimeError, TypeError, ValueError):
-            pass  # this torch has no fused SGD for the device
+        logging.getLogger("train").info(f"=> fused SGD unavailable ({refusal}); using foreach SGD")
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=True)
     return opt, "SGD(foreach=True)"
