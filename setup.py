@@ -59,7 +59,7 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=7", "matplotlib>=3.7"],
+        "test": ["pytest>=7", "matplotlib>=3.7", "atheris>=2.3; sys_platform == 'linux'"],
         "bench": ["matplotlib>=3.7"],
         "dali": ["nvidia-dali-cuda130"],
         "npu": ["torch_npu"],

@@ -61,8 +61,8 @@ def test_resize_switch_falls_back_to_reference(monkeypatch):
 @pytest.mark.parametrize("subsampling,progressive", [("4:2:0", False), ("4:4:4", False), ("4:2:2", True)])
 def test_roi_decode_matches_full_decode(subsampling, progressive):
     data = _photo(203, 157, subsampling=subsampling, progressive=progressive)
-    w, h, comps, prog = _jpeg.header(data)
-    assert (w, h, comps, bool(prog)) == (203, 157, 3, progressive)
+    w, h, comps, multi_scan = _jpeg.header(data)
+    assert (w, h, comps, bool(multi_scan)) == (203, 157, 3, progressive)  # Pillow's files: one scan or progressive
     pil = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
     buf = np.empty(w * h * 3 * 2, np.uint8)
     left, top, width, rows = _jpeg.decode_region(data, 0, 0, w, h, 1, buf, False)
@@ -99,14 +99,17 @@ def test_roi_decode_scaled_matches_pillow_draft():
 def test_roi_decode_rejects_bad_input():
     data = _photo()
     buf = np.empty(200 * 150 * 3, np.uint8)
-    with pytest.raises(ValueError, match="truncated"):
+    with pytest.raises(_jpeg.CorruptJPEG, match="truncated"):
         _jpeg.decode_region(data[: len(data) // 2], 0, 0, 200, 150, 1, buf)
-    with pytest.raises(ValueError):
+    with pytest.raises(_jpeg.CorruptJPEG):
         _jpeg.decode_region(b"not a jpeg at all", 0, 0, 10, 10, 1, buf)
-    with pytest.raises(ValueError, match="too small"):
+    # The caller's mistakes are plain ValueErrors: the loader must not replace them as corrupt.
+    with pytest.raises(ValueError, match="too small") as e:
         _jpeg.decode_region(data, 0, 0, 200, 150, 1, np.empty(10, np.uint8))
-    with pytest.raises(ValueError, match="outside"):
+    assert type(e.value) is ValueError
+    with pytest.raises(ValueError, match="outside") as e:
         _jpeg.decode_region(data, 500, 0, 10, 10, 1, buf)
+    assert type(e.value) is ValueError
 
 
 def test_normalize_matches_reference():

@@ -1,0 +1,360 @@
+"""Fuzz target for kernels._jpeg: header, decode_region and validate on hostile bytes.
+
+An input is 8 parameter bytes (box, DCT scale, fast flag, output buffer size) followed by the
+JPEG. `check_one` runs all three calls and checks the module's contract:
+  * nothing crashes, and only the documented exceptions come out: CorruptJPEG or
+    UnsupportedJPEG for the data, a plain ValueError only for the caller's mistakes (a box
+    outside the image, a buffer that is really too small), never MemoryError or RuntimeError
+    (the fuzz limits keep every legal decode far below the machine's memory);
+  * a successful decode_region returns a region inside the buffer that contains the requested
+    box, and writes nothing past that region (the rest of the buffer keeps its fill pattern);
+  * the limits hold: a multi-scan file over max_multiscan_pixels is refused as a bomb, and the
+    process's peak RSS grows less than RSS_GROWTH_KB;
+  * validate agrees with the others: what it accepts has the header's dimensions, and decodes.
+
+Seed corpus (generated, nothing committed):
+    python tests/fuzz/fuzz_jpeg.py --make-corpus CORPUS
+With atheris (pip install atheris; libFuzzer's options apply):
+    python tests/fuzz/fuzz_jpeg.py -max_total_time=600 -timeout=10 -rss_limit_mb=3000 CORPUS
+    (-runs=N for a bounded run, -jobs=2 -workers=2 for both cores; crashes land in ./crash-*)
+Without atheris, a built-in mutator (random and JPEG-aware byte edits, no coverage guidance):
+    python tests/fuzz/fuzz_jpeg.py --mutate 100000 --seed 1 CORPUS
+tests/test_jpeg_hostile.py runs both for a few thousand inputs.
+
+Sanitizers. The C code is what matters, so build the extension instrumented, into a separate
+folder, and put that folder first on the path (gcc and clang both work for ASan/UBSan):
+    mkdir -p /tmp/asan/kernels && touch /tmp/asan/kernels/__init__.py
+    cc -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined \\
+       -shared -fPIC -I"$(python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" \\
+       kernels/_jpeg.c -ljpeg -o /tmp/asan/kernels/_jpeg.abi3.so
+    ASAN_OPTIONS=detect_leaks=0 LD_PRELOAD="$(cc -print-file-name=libasan.so)" \\
+       FUZZ_JPEG_PATH=/tmp/asan python tests/fuzz/fuzz_jpeg.py --mutate 200000 CORPUS
+Coverage-guided on the C code needs clang: add -fsanitize=fuzzer-no-link to the flags above and
+preload atheris's runtime instead: LD_PRELOAD="$(python -c 'import atheris;
+print(atheris.path())')/asan_with_fuzzer.so". With gcc (no libFuzzer instrumentation), atheris
+is guided by this file's Python only, which is close to blind mutation of the seeds.
+The system libjpeg is not instrumented either way: ASan sees its writes into our buffers only
+through the intercepted memcpy/memset, which is how libjpeg copies rows out.
+"""
+from __future__ import annotations
+
+import io
+import os
+import random
+import resource
+import struct
+import sys
+from collections import Counter
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+for p in (str(HERE.parent), str(HERE.parents[1]), os.environ.get("FUZZ_JPEG_PATH")):
+    if p and p not in sys.path:
+        sys.path.insert(0, p)  # FUZZ_JPEG_PATH (an instrumented build) ends up first
+
+import numpy as np  # noqa: E402
+
+from kernels import _jpeg  # noqa: E402
+
+PARAMS = 8
+# Small enough that a legal decode stays far below RSS_GROWTH, large enough for every seed.
+FUZZ_LIMITS = {"max_memory": 256 << 20, "max_scans": 100, "max_multiscan_pixels": 16_000_000}
+RSS_GROWTH_KB = 1 << 20  # peak RSS may grow this much over its value when fuzzing starts
+MAX_OUT = 32 << 20  # largest output buffer the target allocates
+FILL = 0xA5
+
+
+def peak_rss_kb() -> int:
+    """This process's peak RSS: VmHWM (per address space, so a fresh exec starts low), else
+    ru_maxrss (which on Linux keeps the parent's peak across fork and exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+_rss_ceiling_kb = peak_rss_kb() + RSS_GROWTH_KB
+
+
+class InvariantError(AssertionError):
+    """The module broke its contract on this input."""
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _params(p: bytes, width: int, height: int):
+    fx, fy, fw, fh, dsel, flags, slack = struct.unpack("<BBBBBBH", p)
+    denom = (1, 2, 4, 8)[dsel & 3]
+    w_, h_ = max(width, 1), max(height, 1)
+    x, y = fx * w_ // 256, fy * h_ // 256
+    if flags & 2:  # now and then a box outside the image
+        x += w_
+    w = 1 + fw * w_ // 256 if not flags & 8 else 1 + fw * 4096  # sometimes past the right edge
+    h = 1 + fh * h_ // 256
+    return x, y, w, h, denom, bool(flags & 1), bool(flags & 4), slack
+
+
+def check_one(blob: bytes) -> str:
+    """Run the module on one input and check its contract; returns the outcome (for stats).
+    Raises InvariantError on a violation (a crash ends the process instead)."""
+    if len(blob) < PARAMS:
+        return "short"
+    p, data = blob[:PARAMS], blob[PARAMS:]
+    header = None
+    try:
+        header = _jpeg.header(data)
+    except (_jpeg.CorruptJPEG, _jpeg.UnsupportedJPEG):
+        pass
+    W, H = (header[0], header[1]) if header else (64, 64)
+    multi = bool(header and header[3])
+    bomb = multi and W * H > _jpeg.get_limits()["max_multiscan_pixels"]
+    x, y, w, h, denom, fast, tight, slack = _params(p, W, H)
+    outside = x >= W or y >= H
+    rows = max(_ceil_div(min(y + h, H), denom) - y // denom, 1)
+    full_width = _ceil_div(W, denom)
+    if tight:  # maybe too small: the requested width plus a little
+        n = (_ceil_div(min(x + w, W), denom) - x // denom + slack % 64) * rows * 3
+    else:
+        n = full_width * rows * 3 + slack % 4096
+    n = max(1, min(n, MAX_OUT))
+    buf = np.full(n, FILL, np.uint8)
+    outcome = "decoded"
+    try:
+        left, top, width, got_rows = _jpeg.decode_region(data, x, y, w, h, denom, buf, fast)
+    except _jpeg.CorruptJPEG as e:
+        outcome = "corrupt"
+        if bomb and "decompression bomb" not in str(e):
+            raise InvariantError(f"a multi-scan {W}x{H} file was refused for another reason: {e}") from None
+    except _jpeg.UnsupportedJPEG:
+        outcome = "unsupported"
+        if bomb:
+            raise InvariantError(f"a multi-scan {W}x{H} bomb was called unsupported") from None
+    except ValueError as e:
+        msg = str(e)
+        outcome = "caller-error"
+        if "outside" in msg:
+            if not outside:
+                raise InvariantError(f"box ({x}, {y}) inside a {W}x{H} image called outside") from None
+        elif "too small" in msg:
+            if n >= full_width * rows * 3:
+                raise InvariantError(f"a {n}-byte buffer called too small for {rows} rows of {W}") from None
+        else:
+            raise InvariantError(f"unexpected ValueError: {msg}") from None
+    else:
+        if header is None:
+            raise InvariantError("decode_region succeeded on a file whose header fails")
+        if bomb:
+            raise InvariantError(f"a multi-scan {W}x{H} file over the limit was decoded")
+        x1, y1 = _ceil_div(min(x + w, W), denom), _ceil_div(min(y + h, H), denom)
+        if not (left <= x // denom and left + width >= x1 and left + width <= full_width):
+            raise InvariantError(f"columns [{left}, {left + width}) do not contain [{x // denom}, {x1})")
+        if not (top == y // denom and top + got_rows == y1):
+            raise InvariantError(f"rows [{top}, {top + got_rows}) are not [{y // denom}, {y1})")
+        end = width * got_rows * 3
+        if end > n:
+            raise InvariantError(f"region of {end} bytes returned in a {n}-byte buffer")
+        if end < n and not (buf[end:] == FILL).all():
+            raise InvariantError(f"bytes written past the returned region ({end} of {n})")
+    try:
+        v = _jpeg.validate(data)
+    except (_jpeg.CorruptJPEG, _jpeg.UnsupportedJPEG) as e:
+        if bomb and "decompression bomb" not in str(e):
+            raise InvariantError(f"validate refused a {W}x{H} multi-scan bomb for another reason: {e}") from None
+    else:
+        if header is None or tuple(v) != tuple(header):
+            raise InvariantError(f"validate says {v}, header says {header}")
+        if bomb:
+            raise InvariantError(f"validate accepted a multi-scan {W}x{H} file over the limit")
+        if outcome == "corrupt":
+            # decode_region reads less than validate (only the box's rows) and never more, so
+            # a file validate accepts must decode.
+            raise InvariantError("validate accepted a file decode_region calls corrupt")
+        outcome += "+valid"
+    rss = peak_rss_kb()
+    if rss > _rss_ceiling_kb:
+        raise InvariantError(f"peak RSS {rss >> 10} MB exceeds {_rss_ceiling_kb >> 10} MB")
+    return outcome
+
+
+# -- seeds ----------------------------------------------------------------------------------
+
+def seed_inputs() -> dict[str, bytes]:
+    """Small JPEGs of every kind the loader meets, and some it should not, each with parameter
+    bytes in front. Made with Pillow, plus tests/jpeg_encoder.c where it builds."""
+    from PIL import Image
+
+    import jpeg_fixtures as fx
+
+    rng = np.random.default_rng(0)
+    jpegs: dict[str, bytes] = {}
+    for i, (w, h) in enumerate(((48, 40), (97, 33), (16, 16), (130, 70))):
+        rgb = fx.photo(w, h, seed=i)
+        for sub in ("4:2:0", "4:2:2", "4:4:4"):
+            jpegs[f"pil_{w}x{h}_{sub}"] = fx.pil_jpeg(rgb, subsampling=sub)
+            jpegs[f"pil_{w}x{h}_{sub}_prog"] = fx.pil_jpeg(rgb, subsampling=sub, progressive=True)
+        grey = io.BytesIO()
+        Image.fromarray(rgb).convert("L").save(grey, "JPEG", quality=85)
+        jpegs[f"grey_{w}x{h}"] = grey.getvalue()
+        cmyk = io.BytesIO()
+        Image.fromarray(rgb).convert("CMYK").save(cmyk, "JPEG", quality=85)
+        jpegs[f"cmyk_{w}x{h}"] = cmyk.getvalue()
+    if fx.encoder_unavailable_reason() is None:
+        rgb = fx.photo(72, 56, seed=9)
+        for name, samp in (("2x4", ((2, 4), (1, 1), (1, 1))), ("4x2", ((4, 2), (1, 1), (1, 1))),
+                           ("4x1", ((4, 1), (1, 1), (1, 1))), ("2x2_1x2", ((2, 2), (1, 2), (1, 1)))):
+            for scans in fx.SCANS:
+                jpegs[f"enc_{name}_{scans}"] = fx.encode(rgb, sampling=samp, scans=scans, restart_interval=2)
+    base = jpegs["pil_48x40_4:2:0_prog"]
+    jpegs["bomb_prog"] = fx.with_dimensions(base, 16000, 16000)
+    jpegs["damaged"] = fx.damage_entropy(jpegs["pil_97x33_4:2:0"])
+    jpegs["cut"] = fx.cut_scan(base)
+    jpegs["dup_scan"] = fx.duplicate_scan(base)
+    out = {}
+    for name, data in jpegs.items():
+        p = bytes(rng.integers(0, 256, PARAMS, dtype=np.uint8))
+        out[name] = p + data
+    return out
+
+
+def make_corpus(directory: Path) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, blob in seed_inputs().items():
+        path = directory / f"seed_{name.replace(':', '')}"
+        path.write_bytes(blob)
+        paths.append(path)
+    return paths
+
+
+# -- built-in mutator (no atheris needed) ---------------------------------------------------
+
+_INTERESTING = (0x00, 0x01, 0x7F, 0x80, 0xFE, 0xFF)
+
+
+def mutate(blob: bytes, rnd: random.Random, corpus: list[bytes]) -> bytes:
+    b = bytearray(blob)
+    for _ in range(rnd.randint(1, 4)):
+        if len(b) <= PARAMS + 2:
+            break
+        op = rnd.randrange(9)
+        i = rnd.randrange(len(b))
+        if op == 0:  # bit flip
+            b[i] ^= 1 << rnd.randrange(8)
+        elif op == 1:
+            b[i] = rnd.choice(_INTERESTING)
+        elif op == 2:  # a marker's length or a header field: the bytes right after an 0xFF
+            ffs = [k for k in range(PARAMS, len(b) - 4) if b[k] == 0xFF and b[k + 1] not in (0, 0xFF)]
+            if ffs:
+                k = rnd.choice(ffs) + rnd.randrange(2, 10)
+                if k < len(b):
+                    b[k] = rnd.randrange(256)
+        elif op == 3:  # truncate
+            del b[rnd.randrange(PARAMS + 2, len(b)):]
+        elif op == 4:  # delete a run
+            del b[i:i + rnd.randrange(1, 64)]
+        elif op == 5:  # duplicate a run
+            n = rnd.randrange(1, 256)
+            b[i:i] = b[i:i + n]
+        elif op == 6:  # splice another input's tail
+            other = rnd.choice(corpus)
+            j = rnd.randrange(PARAMS, len(other))
+            b = b[:i] + bytearray(other[j:])
+        elif op == 7:  # new parameters
+            b[:PARAMS] = bytes(rnd.randrange(256) for _ in range(PARAMS))
+        else:  # insert random bytes
+            b[i:i] = bytes(rnd.randrange(256) for _ in range(rnd.randrange(1, 16)))
+    return bytes(b)
+
+
+def run_mutations(corpus: list[bytes], iterations: int, seed: int = 0, crash_dir: Path | None = None) -> Counter:
+    """Check every seed, then `iterations` mutants of them; raises InvariantError (after saving
+    the input to crash_dir) on a violation. Sets the fuzz limits and restores the old ones."""
+    global _rss_ceiling_kb
+    rnd = random.Random(seed)
+    stats: Counter = Counter()
+    _rss_ceiling_kb = peak_rss_kb() + RSS_GROWTH_KB
+    old = _jpeg.set_limits(**FUZZ_LIMITS)
+    try:
+        inputs = list(corpus) + [None] * iterations
+        for item in inputs:
+            blob = item if item is not None else mutate(rnd.choice(corpus), rnd, corpus)
+            try:
+                stats[check_one(blob)] += 1
+            except InvariantError:
+                if crash_dir is not None:
+                    crash_dir.mkdir(parents=True, exist_ok=True)
+                    (crash_dir / f"violation-{seed}-{sum(stats.values())}").write_bytes(blob)
+                raise
+    finally:
+        _jpeg.set_limits(**old)
+    return stats
+
+
+# Kinds of libjpeg message: with an uninstrumented extension, these branches (and those of
+# check_one) are all the coverage libFuzzer sees, so inputs reaching a new kind of failure are
+# kept in the corpus rather than thrown away as "nothing new".
+_MESSAGE_KINDS = ("Huffman", "premature end of data segment", "truncated", "progression", "scans",
+                  "decompression bomb", "memory", "SOS", "SOF", "DQT", "DHT", "DRI", "marker", "RST",
+                  "sampling", "precision", "component", "colour", "color", "Empty", "Not a JPEG",
+                  "too small", "outside", "arithmetic", "Bogus", "Invalid", "Unsupported")
+
+
+def _feature(outcome: str, message: str) -> int:
+    n = 0
+    for i, kind in enumerate(_MESSAGE_KINDS):
+        if kind in message:
+            n = i + 1
+            break
+    return n * 16 + len(outcome)
+
+
+def _atheris_main(argv: list[str]) -> None:
+    import atheris
+
+    _jpeg.set_limits(**FUZZ_LIMITS)
+    checked = atheris.instrument_func(check_one)
+    feature = atheris.instrument_func(_feature)
+
+    def one_input(data: bytes) -> None:
+        try:
+            h = _jpeg.header(data[PARAMS:])
+            message = f"header {h[2]} {h[3]}"
+        except ValueError as e:
+            message = str(e)
+        feature(checked(data), message)
+
+    atheris.Setup(argv, one_input)
+    atheris.Fuzz()
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) >= 3 and argv[1] == "--make-corpus":
+        paths = make_corpus(Path(argv[2]))
+        print(f"wrote {len(paths)} seeds to {argv[2]}")
+        return 0
+    if len(argv) >= 2 and argv[1] == "--mutate":
+        import argparse
+
+        ap = argparse.ArgumentParser(prog="fuzz_jpeg.py --mutate")
+        ap.add_argument("iterations", type=int)
+        ap.add_argument("corpus", type=Path)
+        ap.add_argument("--seed", type=int, default=0)
+        args = ap.parse_args(argv[2:])
+        corpus = [p.read_bytes() for p in sorted(args.corpus.iterdir()) if p.is_file()]
+        if not corpus:
+            corpus = list(seed_inputs().values())
+        stats = run_mutations(corpus, args.iterations, args.seed, crash_dir=Path.cwd())
+        print(dict(stats))
+        return 0
+    _atheris_main(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
