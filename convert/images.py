@@ -1,10 +1,14 @@
 """Validate one source image and turn it into the RGB JPEG a shard stores.
 
-Every image is decoded here, so nothing undecodable reaches a shard. Validation of a JPEG that
-passes through uses libjpeg's DCT scaling (1/8): the entropy-coded data is still read to its
-last byte, which is what catches truncation, while the inverse DCT and colour conversion run on
-1/64 of the pixels. `Image.verify()` would be cheaper still, but it decodes nothing and so
-catches nothing.
+Every image is decoded here, so nothing undecodable reaches a shard. A JPEG is validated with
+kernels._jpeg.validate when the extension is built: it entropy-decodes the whole file to its EOI
+with libjpeg's DCT scaling (1/8), so the inverse DCT runs on 1/64 of the pixels, and it refuses
+what Pillow lets through: damaged entropy-coded data (libjpeg's corrupt-data warnings, which
+Pillow ignores, leaving grey or garbage pixels), and decompression bombs over the extension's
+limits (the same limits the loader applies, so nothing admitted here is refused there).
+Without the extension, Pillow's luma-only 1/8 draft decode does the reading; it catches
+truncation but not damage. `Image.verify()` would be cheaper still, but it decodes nothing and
+so catches nothing.
 """
 from __future__ import annotations
 
@@ -13,6 +17,13 @@ import math
 from dataclasses import dataclass
 
 from PIL import Image, ImageCms, JpegImagePlugin
+
+try:  # the strict JPEG validator is part of the optional compiled extension (see setup.py)
+    from kernels import _jpeg
+except ImportError:  # pragma: no cover - exercised where libjpeg-turbo headers are missing
+    _jpeg = None
+if _jpeg is not None and not hasattr(_jpeg, "validate"):  # pragma: no cover - a stale build
+    _jpeg = None
 
 # What torchvision's ImageFolder accepts (torchvision.datasets.folder.IMG_EXTENSIONS).
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -41,6 +52,24 @@ class PreparedImage:
 def _rejection(what: str, e: Exception) -> RejectedImage:
     msg = str(e)
     return RejectedImage(f"truncated: {msg}" if "truncated" in msg.lower() else f"{what}: {msg}")
+
+
+def _validate_jpeg(data: bytes) -> bool:
+    """Strictly validate a JPEG with the extension; False when it is not built or cannot read
+    this file (UnsupportedJPEG: Pillow then decodes it, as it did before the extension)."""
+    if _jpeg is None:
+        return False
+    try:
+        _jpeg.validate(data)
+    except _jpeg.UnsupportedJPEG:
+        return False
+    except _jpeg.CorruptJPEG as e:
+        msg = str(e)
+        # The extension's messages already say what is wrong: "truncated JPEG: ...",
+        # "corrupt JPEG data: ...", "decompression bomb: ...", "bad JPEG header: ...".
+        known = msg.startswith(("truncated", "corrupt JPEG data", "decompression bomb", "bad JPEG header"))
+        raise RejectedImage(msg if known else f"corrupt JPEG data: {msg}") from None
+    return True
 
 
 def _jpeg_meta(im: Image.Image) -> dict:
@@ -103,6 +132,8 @@ def prepare_image(data: bytes, max_side: int | None = None, quality: int = 90) -
         im = Image.open(io.BytesIO(data))
     except Image.UnidentifiedImageError:
         raise RejectedImage("not an image (unrecognised format)") from None
+    except Image.DecompressionBombError as e:  # not an OSError: it would end the whole run
+        raise RejectedImage(f"decompression bomb: {e}") from None
     except (OSError, ValueError, SyntaxError) as e:  # PIL raises SyntaxError for some broken headers
         raise _rejection("unreadable header", e) from None
 
@@ -112,18 +143,24 @@ def prepare_image(data: bytes, max_side: int | None = None, quality: int = 90) -
         raise RejectedImage(f"degenerate size {w}x{h}")
     needs_resize = max_side is not None and max(w, h) > max_side
     passthrough = fmt == "JPEG" and im.mode == "RGB" and not needs_resize
+    # Every JPEG, repaired ones too: a CMYK file with damaged data would be re-encoded with the
+    # damage baked in.
+    validated = fmt == "JPEG" and _validate_jpeg(data)
     try:
         if passthrough:
             meta = _jpeg_meta(im)
-            # Luma-only 1/8 decode: every byte of every component is still entropy-decoded.
-            im.draft("L", (math.ceil(w / 8), math.ceil(h / 8)))
-            im.load()
+            if not validated:
+                # Luma-only 1/8 decode: every byte of every component is still entropy-decoded.
+                im.draft("L", (math.ceil(w / 8), math.ceil(h / 8)))
+                im.load()
             return PreparedImage(data, {"width": w, "height": h, "source_format": fmt, **meta})
         if needs_resize:
             im = _resize_to_max_side(im, max_side)
         else:
             im.load()
         rgb = _to_rgb(im)
+    except Image.DecompressionBombError as e:
+        raise RejectedImage(f"decompression bomb: {e}") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise _rejection("decode failed", e) from None
 

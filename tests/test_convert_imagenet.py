@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, jpeg_bytes, run_cli
+from convert import images
 from convert.imagenet_to_shards import convert
 from convert.manifest import load_manifest
 from convert.runner import ConvertError
@@ -124,6 +125,88 @@ def test_quirks_are_repaired_or_rejected(quirky_root, tmp_path):
     assert manifest["splits"]["train"]["samples"] == 4 + 4
     # .DS_Store and README.txt are ignored and counted, not rejected.
     assert manifest["splits"]["train"]["ignored"]["count"] == 2
+
+
+def _hostile_root(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
+    """Good photos, and files that must be rejected (bombs, damaged data) or kept (harmless quirks)."""
+    import jpeg_fixtures as fx
+
+    src = tmp_path / "src"
+    good, odd = src / "train" / "n001", src / "train" / "n002"
+    good.mkdir(parents=True)
+    odd.mkdir(parents=True)
+    for i in range(3):
+        (good / f"img_{i}.JPEG").write_bytes(fx.pil_jpeg(fx.photo(96, 72, seed=i)))
+    photo = fx.pil_jpeg(fx.photo(160, 120, seed=5))
+    tiny_progressive = fx.pil_jpeg(fx.photo(64, 48, seed=6), quality=50, progressive=True)
+    files = {
+        # 520 bytes claiming 16000 x 16000: Pillow's DecompressionBombError used to end the run.
+        "bomb.JPEG": fx.with_dimensions(tiny_progressive, 16000, 16000),
+        # Under Pillow's error threshold (it only warns), over the extension's multi-scan limit.
+        "bomb_12k.JPEG": fx.with_dimensions(tiny_progressive, 12000, 12000),
+        "huffman.JPEG": fx.damage_entropy(photo),
+        "cut_scan.JPEG": fx.cut_scan(photo),
+        "scan_twice.JPEG": fx.duplicate_scan(fx.pil_jpeg(fx.photo(160, 120, seed=7), progressive=True)),
+        "extraneous.JPEG": fx.insert_before_eoi(photo, b"\x00" * 240),  # harmless: kept as is
+    }
+    for name, data in files.items():
+        (odd / name).write_bytes(data)
+    return src, files
+
+
+@pytest.mark.skipif(getattr(images, "_jpeg", None) is None, reason="kernels._jpeg not built: Pillow misses damaged data")
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_hostile_jpegs_are_rejected_and_the_run_goes_on(tmp_path):
+    src, files = _hostile_root(tmp_path)
+    manifest, summary = convert(src, tmp_path / "out", workers=2, progress=False)
+    rejects = {r["path"].rsplit("/", 1)[1]: r["reason"] for r in manifest["rejects"]}
+    assert set(rejects) == {"bomb.JPEG", "bomb_12k.JPEG", "huffman.JPEG", "cut_scan.JPEG", "scan_twice.JPEG"}
+    assert rejects["bomb.JPEG"].startswith("decompression bomb")
+    assert rejects["bomb_12k.JPEG"].startswith("decompression bomb")
+    for name in ("huffman.JPEG", "cut_scan.JPEG", "scan_twice.JPEG"):
+        assert rejects[name].startswith("corrupt JPEG data"), rejects[name]
+    samples = read_samples(tmp_path / "out", "train")
+    assert len(samples) == 4
+    assert samples["train/n002/extraneous.JPEG"]["jpg"] == files["extraneous.JPEG"]  # passed through
+
+
+def test_without_the_extension_bombs_are_still_rejected(monkeypatch, tmp_path):
+    """The Pillow fallback: a bomb is a reject, not a crash; repairs and truncation as before."""
+    monkeypatch.setattr(images, "_jpeg", None)
+    src, files = _hostile_root(tmp_path)
+    with pytest.raises(images.RejectedImage, match="decompression bomb"):
+        images.prepare_image(files["bomb.JPEG"])
+    photo = (src / "train" / "n001" / "img_0.JPEG").read_bytes()
+    assert images.prepare_image(photo).jpeg == photo
+    with pytest.raises(images.RejectedImage, match="truncated"):
+        images.prepare_image(photo[: len(photo) // 2])
+    cmyk = jpeg_bytes((200, 40, 30), mode="CMYK")
+    assert images.prepare_image(cmyk).meta["source_mode"] == "CMYK"
+
+
+@pytest.mark.skipif(getattr(images, "_jpeg", None) is None, reason="kernels._jpeg not built")
+def test_unsupported_by_the_extension_falls_back_to_pillow(monkeypatch):
+    def unsupported(data):
+        raise images._jpeg.UnsupportedJPEG("unsupported JPEG: pretend")
+
+    monkeypatch.setattr(images._jpeg, "validate", unsupported)
+    photo = jpeg_bytes((50, 60, 70), size=(200, 150))
+    assert images.prepare_image(photo).jpeg == photo
+    with pytest.raises(images.RejectedImage, match="truncated"):
+        images.prepare_image(photo[: len(photo) // 2])  # Pillow's draft decode still reads it all
+
+
+@pytest.mark.skipif(getattr(images, "_jpeg", None) is None, reason="kernels._jpeg not built")
+def test_repairs_are_validated_too():
+    """A CMYK file is re-encoded; damage in it must not be baked into the new JPEG."""
+    import jpeg_fixtures as fx
+
+    buf = io.BytesIO()
+    Image.fromarray(fx.photo(160, 120, seed=3)).convert("CMYK").save(buf, "JPEG", quality=90)
+    cmyk = buf.getvalue()
+    assert images.prepare_image(cmyk).meta["reencoded"] is True
+    with pytest.raises(images.RejectedImage, match="corrupt JPEG data"):
+        images.prepare_image(fx.damage_entropy(cmyk))
 
 
 def test_strict_makes_a_reject_fatal(quirky_root, tmp_path):
