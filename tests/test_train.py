@@ -151,6 +151,25 @@ def test_fused_sgd_falls_back_to_foreach_where_torch_refuses_it():
     assert name == "SGD(fused=True)" and opt.defaults["fused"] and torch.allclose(c, torch.full((3,), -0.1))
 
 
+@pytest.mark.parametrize("amp,notice", [
+    (["--amp", "--opt-level", "O2", "--amp-dtype", "bf16"], "bf16"),  # the seed's 8p script under bf16
+    (["--amp", "--opt-level", "O0"], "O0"),
+    ([], "O0"),  # no --amp: fp32, as in the seed
+    (["--amp", "--opt-level", "O1", "--amp-dtype", "fp16"], None),  # the scale is used: no notice
+])
+def test_loss_scale_without_effect_is_logged_once(tmp_path, amp, notice):
+    r = run_cli("train.run", "--synthetic", "--arch", "resnet18", "--image-size", "32", "--device", "cpu", "-j", "1",
+                "-b", "4", "--epochs", "1", "--max-steps", "1", "--loss-scale", "1024", *amp,
+                "--output", tmp_path / "run", timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [x for x in r.stdout.splitlines() if "--loss-scale" in x]
+    if notice is None:
+        assert lines == [], lines
+    else:
+        assert len(lines) == 1 and "1024" in lines[0] and "no effect" in lines[0] and notice in lines[0], lines
+        assert lines[0] in (tmp_path / "run" / "train.log").read_text()
+
+
 def _run_until(cmd, env, until, timeout=300):
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + timeout

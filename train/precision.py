@@ -8,6 +8,13 @@
   (dynamic, or static from --loss-scale) and skips steps whose gradients overflowed; bf16 has
   fp32's range and needs no scaling.
 
+--loss-scale matters only for fp16 at O1/O2; under bf16 or O0 it is ignored, and train.run says
+so at start-up. Unlike apex, a static --loss-scale N also skips a step whose gradients hold inf or
+nan: apex's LossScaler checks for overflow only when dynamic (apex/amp/scaler.py passes
+check_overflow=self.dynamic, and update_scale skips only "if self._has_overflow and
+self.dynamic"), so apex applies such a step and the weights turn to inf/nan for good. Skipping
+keeps the weights; the scale stays N either way.
+
 The fp16 overflow check does not sync the host: the scale and the found-inf flag live on the
 device and feed the fused optimizer (its grad_scale / found_inf inputs), which skips the update
 by itself.
@@ -28,6 +35,7 @@ class Precision:
         self.amp_dtype = amp_dtype
         self.device_type = device_type
         self.scaling = opt_level != "O0" and amp_dtype == torch.float16
+        self.requested_scale = loss_scale
         self.dynamic = self.scaling and (loss_scale is None or loss_scale == "dynamic")
         init = 1.0
         if self.scaling:
@@ -38,6 +46,15 @@ class Precision:
         self.model_params: list[torch.Tensor] = []
         self.master_params: list[torch.Tensor] = []
         self.half_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (half weight, its fp32 master)
+
+    def loss_scale_notice(self) -> str | None:
+        """One line for the start-up log when a static --loss-scale was asked for and has no
+        effect (bf16, or O0): the seed's scripts pass --loss-scale=1024 whatever the dtype."""
+        if self.scaling or self.requested_scale in (None, "dynamic"):
+            return None
+        why = "O0 (no --amp, or --opt-level O0) runs in fp32" if self.opt_level == "O0" else \
+            f"{self.opt_level} bf16 has fp32's exponent range and needs no loss scaling"
+        return f"=> note: --loss-scale {self.requested_scale} has no effect: {why} (it scales fp16 only)"
 
     @property
     def input_dtype(self) -> torch.dtype:

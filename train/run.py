@@ -204,6 +204,8 @@ def train(cfg: TrainConfig, spawn_index: int | None = None) -> dict:
     log.info(f"=> {cfg.arch} on {device.name()} x{info.world}, {opt_level} ({precision_name}), "
              f"optimizer {opt_name}, batch {cfg.batch_size}/process, {steps_per_epoch} steps/epoch, "
              f"loader {train_loader.__class__.__name__}")
+    if (notice := precision.loss_scale_notice()) is not None:
+        log.info(notice)
 
     if cfg.evaluate:
         acc1, acc5 = validate(bare, val_loader, criterion, precision, info, log) if val_loader else (0.0, 0.0)
