@@ -12,7 +12,17 @@ import json
 import re
 from pathlib import Path
 
-PEAK_NOTE = "MFU against 790 TFLOP/s dense bf16 (H100/H200 SXM); train step = 3 x forward FLOPs"
+PEAK_NOTE = ("MFU: a train step counted as 3 x forward FLOPs, against the dense (non-sparse) peak from NVIDIA's "
+             "datasheets that each row names")
+
+
+def mfu_note(row: dict) -> str:
+    """'MFU 31.0% of 989.4 TFLOP/s (H100 SXM dense bf16)', 'MFU unknown (why)', or '' without MFU."""
+    if "peak_name" not in row:  # a CPU row, or one written before rows named their peak
+        return f"MFU {row['mfu']:.1%} (peak not recorded)" if row.get("mfu") else ""
+    if row.get("mfu") is None:
+        return f"MFU unknown ({row['peak_name']})"
+    return f"MFU {row['mfu']:.1%} of {row['peak_tflops']:g} TFLOP/s ({row['peak_name']})"
 
 
 def collect(work: Path) -> dict:
@@ -32,8 +42,8 @@ def collect(work: Path) -> dict:
         for r in json.loads(path.read_text())["rows"]:
             rows.append({"what": "train step (synthetic)",
                          "config": f"{r['arch']} b{r['batch']} {r['image']}px {r['precision']} compile={r['compile']}",
-                         "img_s": r.get("img_s"), "mfu": r.get("mfu"),
-                         "note": f"MFU {r['mfu']:.1%}" if r.get("mfu") else (r.get("error") or "")})
+                         "img_s": r.get("img_s"), "mfu": r.get("mfu"), "peak_tflops": r.get("peak_tflops"),
+                         "peak_name": r.get("peak_name"), "note": mfu_note(r) or r.get("error") or ""})
     for step, what in (("loader", "loader alone"), ("train_step", "train step (synthetic)")):
         log = work / f"{step}.log"
         if log.exists() and "\nwrote " not in log.read_text(errors="replace"):

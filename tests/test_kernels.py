@@ -135,7 +135,9 @@ def test_device_summary_reads_the_check_outputs(tmp_path, capsys):
     (tmp_path / "loader_cuda.json").write_text(json.dumps({"rows": [{"name": "nvjpeg, 16 workers", "img_s": 9000.0}]}))
     (tmp_path / "train_step_cuda.json").write_text(json.dumps({"rows": [
         {"arch": "resnet152", "batch": 256, "image": 224, "precision": "O2:bf16", "compile": False, "img_s": 2500.0,
-         "mfu": 0.22}]}))
+         "mfu": 0.22, "peak_tflops": 989.4, "peak_name": "H100 SXM dense bf16"},
+        {"arch": "resnet152", "batch": 256, "image": 224, "precision": "O1:bf16", "compile": False, "img_s": 2400.0,
+         "mfu": None, "peak_tflops": None, "peak_name": "no peak known for 'NVIDIA B200'"}]}))
     (tmp_path / "e2e_synthetic.log").write_text("=> resnet152 on cuda\nx * FPS@all 2500.000\n")
     (tmp_path / "e2e_nvjpeg.log").write_text("=> resnet152 on cuda\nx * FPS@all 2450.000\n")
     (tmp_path / "e2e_cpu.log").write_text("Traceback: boom\n")
@@ -143,8 +145,14 @@ def test_device_summary_reads_the_check_outputs(tmp_path, capsys):
     assert main([str(tmp_path), "--json", str(tmp_path / "all.json")]) == 0
     out = capsys.readouterr().out
     assert "H100" in out and "tests: 9 passed" in out
-    assert "9000.0" in out and "MFU 22.0%" in out and "98.0% of synthetic" in out
+    assert "9000.0" in out and "98.0% of synthetic" in out
+    # Every MFU names the peak it divides by; a card without a known peak has no MFU figure.
+    assert re.search(r"O2:bf16 .*2500\.0  MFU 22\.0% of 989\.4 TFLOP/s \(H100 SXM dense bf16\)", out)
+    assert re.search(r"O1:bf16 .*2400\.0  MFU unknown \(no peak known for 'NVIDIA B200'\)", out)
+    assert "790" not in out
     assert re.search(r"end to end, resnet152 O2 bf16\s+cpu\s+failed", out)
     rows = json.loads((tmp_path / "all.json").read_text())["rows"]
-    assert [r["img_s"] for r in rows] == [9000.0, 2500.0, None, 2500.0, None, 2450.0]
-    assert "stopped early" in rows[2]["note"] and main([str(tmp_path), "--check"]) == 1
+    assert [r["img_s"] for r in rows] == [9000.0, 2500.0, 2400.0, None, 2500.0, None, 2450.0]
+    assert (rows[1]["mfu"], rows[1]["peak_tflops"], rows[1]["peak_name"]) == (0.22, 989.4, "H100 SXM dense bf16")
+    assert rows[2]["mfu"] is None and rows[2]["peak_tflops"] is None and "B200" in rows[2]["peak_name"]
+    assert "stopped early" in rows[3]["note"] and main([str(tmp_path), "--check"]) == 1

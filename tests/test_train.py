@@ -170,6 +170,60 @@ def test_loss_scale_without_effect_is_logged_once(tmp_path, amp, notice):
         assert lines[0] in (tmp_path / "run" / "train.log").read_text()
 
 
+@pytest.mark.parametrize("device,precision,tf32,peak,card", [
+    # Dense (non-sparse) tensor-core peaks from NVIDIA's datasheets, which print twice these
+    # with an asterisk (2:4 sparsity).
+    ("NVIDIA H100 80GB HBM3", "bf16", True, 989.4, "H100 SXM"),
+    ("NVIDIA H200", "fp16", True, 989.4, "H200 SXM"),
+    ("NVIDIA H100 PCIe", "bf16", True, 756.0, "H100 PCIe"),
+    ("NVIDIA A100-SXM4-80GB", "bf16", True, 312.0, "A100"),
+    ("NVIDIA L40S", "bf16", True, 362.05, "L40S"),
+    ("NVIDIA A100-SXM4-80GB", "fp32", True, 156.0, "A100"),  # cuDNN runs fp32 convs as TF32
+    ("NVIDIA A100-SXM4-80GB", "fp32", False, 19.5, "A100"),
+    ("NVIDIA GH200 480GB", "bf16", True, 989.4, "GH200"),  # not the H200
+    ("Tesla V100-SXM2-16GB", "bf16", True, None, "V100"),  # no bf16 tensor cores
+    ("NVIDIA B200", "bf16", True, None, "B200"),  # not in the table: unknown, not a guess
+    ("NVIDIA H100 80GB HBM3", "fp8", True, None, "fp8"),
+])
+def test_mfu_peak_lookup(device, precision, tf32, peak, card):
+    from benchmarks.train_step import dense_peak
+
+    got, name = dense_peak(device, precision, allow_tf32=tf32)
+    assert got == peak and card in name, (got, name)
+    assert ("dense" in name) == (peak is not None)
+
+
+def test_train_step_benchmark_names_the_peak_of_every_mfu(monkeypatch, tmp_path, capsys):
+    import benchmarks.train_step as bench
+
+    monkeypatch.setenv("BENCH_OUT", str(tmp_path))
+    monkeypatch.setattr(bench, "measure", lambda *a, **k: 1000.0)  # img/s, whatever the config
+    monkeypatch.setattr(bench, "card_name", lambda device: "NVIDIA H100 80GB HBM3", raising=False)
+    assert bench.main(["--device", "cuda", "--arch", "resnet50", "resnet18", "--batch-size", "8", "--image-size",
+                       "112", "--levels", "O2:bf16", "O0:fp32", "--compile", "off", "--channels-last", "on",
+                       "--optimizers", "fused"]) == 0
+    out = capsys.readouterr().out
+    rows = json.loads((tmp_path / "train_step_cuda.json").read_text())["rows"]
+    assert len(rows) == 4
+    for r in rows:
+        fmt = "bf16" if r["precision"] == "O2:bf16" else "tf32" if torch.backends.cudnn.allow_tf32 else "fp32"
+        peak, name = bench.dense_peak("NVIDIA H100 80GB HBM3", fmt.replace("tf32", "fp32"))
+        flops = 3 * bench.FWD_GFLOPS_224[r["arch"]] * 1e9 * (112 / 224) ** 2
+        assert r["peak_tflops"] == peak and r["peak_name"] == name and f"dense {fmt}" in name
+        assert r["mfu"] == pytest.approx(1000.0 * flops / (peak * 1e12))
+        line = next(x for x in out.splitlines() if x.startswith(f"{r['arch']} b8 {r['precision']} "))
+        assert f"MFU {r['mfu']:.1%}" in line and f"{peak:g} TFLOP/s" in line and name in line, line
+    assert "790" not in out
+    # A card the table lacks: MFU unknown, never a guess.
+    monkeypatch.setattr(bench, "card_name", lambda device: "NVIDIA B200")
+    assert bench.main(["--device", "cuda", "--arch", "resnet50", "--batch-size", "8", "--levels", "O2:bf16",
+                       "--compile", "off", "--channels-last", "on", "--optimizers", "fused"]) == 0
+    out = capsys.readouterr().out
+    row = json.loads((tmp_path / "train_step_cuda.json").read_text())["rows"][0]
+    assert row["mfu"] is None and row["peak_tflops"] is None and "B200" in row["peak_name"]
+    assert "MFU unknown" in out and "%" not in out.split("img/s")[1].splitlines()[0]
+
+
 def _run_until(cmd, env, until, timeout=300):
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + timeout
