@@ -123,9 +123,21 @@ def num_classes(loader) -> int:
 
 
 def validate(model, loader, criterion, precision: Precision, info: DistInfo, log) -> tuple[float, float]:
-    """Top-1/top-5 over the val split, every sample counted once across ranks."""
-    model.eval()
+    """Top-1/top-5 over the val split, every sample counted once across ranks, with rank 0's
+    BatchNorm statistics on every rank."""
     dev = next(model.parameters()).device
+    if info.world > 1:
+        # DDP runs with broadcast_buffers=False, so each rank's running statistics drift apart.
+        # Rank 0's are the ones its checkpoint saves: broadcasting them (rather than averaging)
+        # makes this val score exactly the model that `-e --resume` on the checkpoint scores.
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for b in model.buffers():
+            by_dtype.setdefault(b.dtype, []).append(b)
+        for bufs in by_dtype.values():  # one collective per dtype, not one per buffer
+            flat = torch.cat([b.reshape(-1) for b in bufs])
+            dist.broadcast(flat, src=0)
+            torch._foreach_copy_(bufs, [v.view_as(b) for v, b in zip(flat.split([b.numel() for b in bufs]), bufs)])
+    model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=dev)  # correct@1, correct@5, loss sum, count
     with torch.no_grad(), precision.autocast():
         for x, y in loader:
@@ -173,6 +185,7 @@ def train(cfg: TrainConfig, spawn_index: int | None = None) -> dict:
     bare = model
     if info.world > 1:
         ids = [device.index] if device.kind in ("cuda", "npu") else None
+        # No per-step buffer broadcast: validate() gives every rank rank 0's BatchNorm statistics.
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True,
                                                           broadcast_buffers=False)
     step_model = model
