@@ -252,10 +252,11 @@ def generate_cifar(out: str | os.PathLike, cfg: SyntheticConfig, workers: int | 
     for name, idx, split in [(n, i, "train") for n, i in batches] + [("test_batch", np.arange(len(jobs["val"])), "val")]:
         data = np.stack([rows[split][i] for i in idx]) if len(idx) else np.zeros((0, 3072), np.uint8)
         labels = [jobs[split][i][0] for i in idx]
-        body = {b"batch_label": name.encode(), b"labels": labels, b"data": data,
-                b"filenames": [f"{wnid(jobs[split][i][0])}_{jobs[split][i][1]}.png".encode() for i in idx]}
+        # str keys, as Python 2 wrote them: what torchvision (latin1) and our converter (bytes) read
+        body = {"batch_label": name, "labels": labels, "data": data,
+                "filenames": [f"{wnid(jobs[split][i][0])}_{jobs[split][i][1]}.png" for i in idx]}
         (folder / name).write_bytes(pickle.dumps(body, protocol=2))
-    meta = {b"label_names": [wnid(k).encode() for k in range(cfg.classes)], b"num_cases_per_batch": len(batches[0][1])}
+    meta = {"label_names": [wnid(k) for k in range(cfg.classes)], "num_cases_per_batch": len(batches[0][1])}
     (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
     marker.write_text(json.dumps(_marker(cfg)))
     return folder

@@ -61,7 +61,7 @@ def decode_strict(data) -> np.ndarray:
     """The whole image as (H, W, 3) uint8, decoded on the CPU, or CorruptSample if the bytes are
     damaged: what decides whether an image a device decoder refused is bad data. JPEGs are first
     checked by the extension's strict validation, which (unlike Pillow) refuses corrupt data."""
-    if _jpeg is not None and is_jpeg(data) and hasattr(_jpeg, "validate"):
+    if _jpeg is not None and is_jpeg(data):
         try:
             _jpeg.validate(data)
         except CorruptJPEG as e:

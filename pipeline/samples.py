@@ -24,9 +24,10 @@ except ImportError:  # pragma: no cover - exercised where libjpeg-turbo headers 
     _jpeg = None
 
 JPEG_MAGIC = b"\xff\xd8"
-# TODO(remove once kernels._jpeg has its error classes): an old build raises ValueError for all.
-CorruptJPEG = getattr(_jpeg, "CorruptJPEG", ValueError)
-UnsupportedJPEG = getattr(_jpeg, "UnsupportedJPEG", type("UnsupportedJPEG", (ValueError,), {}))
+if _jpeg is not None:
+    CorruptJPEG, UnsupportedJPEG = _jpeg.CorruptJPEG, _jpeg.UnsupportedJPEG
+else:  # without the extension nothing raises them
+    CorruptJPEG = UnsupportedJPEG = type("ExtensionNotBuilt", (Exception,), {})
 
 
 class CorruptSample(Exception):

@@ -18,10 +18,9 @@ from PIL import Image
 from conftest import ROOT, jpeg_bytes, run_cli
 from convert import images
 from convert.imagenet_to_shards import convert
-from convert.manifest import load_manifest
 from convert.runner import ConvertError
 from convert.synthetic import SyntheticConfig, generate
-from convert.tarwriter import read_dali_index
+from pipeline.shard_format import ShardWriter, load_manifest, read_index
 
 
 def read_samples(out: Path, split: str) -> dict[str, dict]:
@@ -67,7 +66,10 @@ def test_round_trip_labels_bytes_and_manifest(synthetic_root, tmp_path):
         data = (out / shard["name"]).read_bytes()
         assert len(data) == shard["bytes"]
         assert hashlib.sha256(data).hexdigest() == shard["sha256"]
-    assert manifest["splits"]["val"]["samples"] == 6 * 3
+        # The label table holds each sample's .cls, in tar order.
+        cls = [int(data[m["cls"][0]:sum(m["cls"])]) for _, m in read_index(out / shard["index"])]
+        assert shard["labels"] == cls and len(cls) == shard["samples"]
+    assert manifest["version"] == 2 and manifest["splits"]["val"]["samples"] == 6 * 3
     assert manifest["complete"] is True and manifest["rejects"] == []
     assert "train" in summary and "val" in summary
 
@@ -77,7 +79,7 @@ def test_dali_index_points_at_members(synthetic_root, tmp_path):
     convert(synthetic_root, out, splits=["val"], workers=1, progress=False)
     shard = load_manifest(out)["splits"]["val"]["shards"][0]
     data = (out / shard["name"]).read_bytes()
-    index = read_dali_index(out / shard["index"])
+    index = [members for _, members in read_index(out / shard["index"])]
     assert len(index) == shard["samples"]
     with tarfile.open(out / shard["name"]) as tar:
         by_name = {ti.name: tar.extractfile(ti).read() for ti in tar.getmembers()}
@@ -353,7 +355,6 @@ def test_cli_errors_are_one_line(tmp_path):
 
 
 def test_shard_writer_matches_tarfile_byte_for_byte(tmp_path):
-    from convert.tarwriter import ShardWriter
 
     samples = [("00000000", {"jpg": b"\xff\xd8" + b"x" * 700, "cls": b"3"}),
                ("00000001", {"jpg": b"\xff\xd8" + b"y" * 512, "cls": b"12"})]

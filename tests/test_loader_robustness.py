@@ -422,3 +422,39 @@ def test_waiting_on_a_slow_stream_is_counted_and_a_stopped_stream_does_not_block
     threading.Timer(0.3, reader.stop).start()
     with pytest.raises(ReaderStopped):
         _run_with_timeout(lambda: reader.take(np.array([10 ** 9])), seconds=20)  # never arrives
+
+
+# -- hostile JPEGs through the loader ---------------------------------------------------------------
+
+def test_hostile_jpegs_in_foreign_shards(tmp_path):
+    """Foreign shards (no converter validated them): a decompression bomb and damaged scan data
+    are counted and replaced with bounded memory, and a CMYK JPEG is decoded by Pillow instead
+    of being thrown away."""
+    import io as _io
+
+    from PIL import Image
+
+    from jpeg_fixtures import damage_entropy, photo, pil_jpeg, with_dimensions
+    from pipeline.shard_format import ShardWriter
+
+    good = [pil_jpeg(photo(96, 72, seed=s)) for s in range(6)]
+    bomb = with_dimensions(pil_jpeg(photo(16, 16), progressive=True), 16000, 16000)
+    damaged = damage_entropy(pil_jpeg(photo(96, 72, seed=9)))
+    cmyk_img = Image.fromarray(photo(96, 72, seed=7)).convert("CMYK")
+    buf = _io.BytesIO()
+    cmyk_img.save(buf, "JPEG", quality=95)
+    with ShardWriter(tmp_path / "foreign-000000.tar") as w:
+        for k, data in enumerate(good + [bomb, damaged, buf.getvalue()]):
+            w.write(f"s{k:02d}", {"jpg": data, "cls": str(k % 3).encode()})
+        w.close()
+    loader = create_loader(str(tmp_path / "foreign-000000.tar"), split="val", batch_size=9, image_size=32,
+                           device="cpu", workers=1, worker_mode="thread", normalize=False)
+    (x, y), = collect(loader)
+    assert len(y) == 9
+    assert sorted(k.split(":")[1] for k in loader.stats.corrupt_keys) == ["s06", "s07"]  # bomb, damaged
+    cmyk = x[8].permute(1, 2, 0).numpy().astype(int)  # the CMYK sample is itself, through Pillow
+    import torchvision.transforms.functional as F
+
+    rgb = Image.open(_io.BytesIO(buf.getvalue())).convert("RGB")
+    ref = np.asarray(F.center_crop(F.resize(rgb, loader.cfg.transform.resize), 32)).astype(int)
+    assert np.abs(cmyk - ref).max() <= 1
