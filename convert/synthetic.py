@@ -248,8 +248,10 @@ def generate_cifar(out: str | os.PathLike, cfg: SyntheticConfig, workers: int | 
                 rows[split].append(row)
                 bar.update(1)
     bar.close()
-    batches = [(f"data_batch_{b + 1}", part) for b, part in enumerate(np.array_split(np.arange(len(jobs["train"])), 5))]
-    for name, idx, split in [(n, i, "train") for n, i in batches] + [("test_batch", np.arange(len(jobs["val"])), "val")]:
+    parts = np.array_split(np.arange(len(jobs["train"])), 5)
+    batches = [(f"data_batch_{b + 1}", part) for b, part in enumerate(parts)]
+    files = [(n, i, "train") for n, i in batches] + [("test_batch", np.arange(len(jobs["val"])), "val")]
+    for name, idx, split in files:
         data = np.stack([rows[split][i] for i in idx]) if len(idx) else np.zeros((0, 3072), np.uint8)
         labels = [jobs[split][i][0] for i in idx]
         # str keys, as Python 2 wrote them: what torchvision (latin1) and our converter (bytes) read

@@ -82,7 +82,8 @@ def shard_name(split: str, index: int) -> str:
 
 def is_split_file(name: str, split: str) -> bool:
     """Whether `name` is a shard or index file that a converter writes for `split`."""
-    return re.fullmatch(rf"{re.escape(split)}-\d{{6}}({re.escape(TAR_SUFFIX)}|{re.escape(INDEX_SUFFIX)})", name) is not None
+    suffixes = f"({re.escape(TAR_SUFFIX)}|{re.escape(INDEX_SUFFIX)})"
+    return re.fullmatch(rf"{re.escape(split)}-\d{{6}}{suffixes}", name) is not None
 
 
 def split_in_name(name: str) -> str | None:

@@ -94,15 +94,20 @@ def make_colour_folder(root: Path, per_class: int = 10, val_per_class: int = 3) 
     return write_image_folder(root, {"train": per_class, "val": val_per_class}, len(CLASS_COLOURS), draw, 92, 5)
 
 
+def converted(tmp_path_factory, name: str, make_folder, shard_size_mb: float) -> Path:
+    """An ImageFolder made by `make_folder(root)`, converted to shards of about `shard_size_mb`."""
+    from convert.imagenet_to_shards import convert
+
+    base = tmp_path_factory.mktemp(name)
+    make_folder(base / "src")
+    convert(base / "src", base / "shards", shard_size_mb=shard_size_mb, workers=1, progress=False)
+    return base / "shards"
+
+
 @pytest.fixture(scope="session")
 def colour_shards(tmp_path_factory) -> Path:
     """Converted colour dataset: 60 train (several shards), 18 val."""
-    from convert.imagenet_to_shards import convert
-
-    base = tmp_path_factory.mktemp("colour")
-    make_colour_folder(base / "src")
-    convert(base / "src", base / "shards", shard_size_mb=0.03, workers=1, progress=False)
-    return base / "shards"
+    return converted(tmp_path_factory, "colour", make_colour_folder, 0.03)
 
 
 def coordinate_image(w: int, h: int, k: int, cls: int) -> np.ndarray:
@@ -128,12 +133,7 @@ def make_coordinate_folder(root: Path, per_class: int = 8, val_per_class: int = 
 @pytest.fixture(scope="session")
 def coord_shards(tmp_path_factory) -> Path:
     """Converted coordinate images: 24 train, 12 val, 3 classes."""
-    from convert.imagenet_to_shards import convert
-
-    base = tmp_path_factory.mktemp("coord")
-    make_coordinate_folder(base / "src")
-    convert(base / "src", base / "shards", shard_size_mb=0.05, workers=1, progress=False)
-    return base / "shards"
+    return converted(tmp_path_factory, "coord", make_coordinate_folder, 0.05)
 
 
 def write_cifar10(root: Path, per_class: int = 10, test_per_class: int = 3) -> Path:
@@ -205,7 +205,8 @@ def rewrite_shard(folder: Path, split: str, shard: int, pos: int, edit) -> str:
     m = load_manifest(folder)
     entry = m["splits"][split]["shards"][shard]
     raw = (folder / entry["name"]).read_bytes()
-    samples = [(k, {ext: raw[o:o + n] for ext, (o, n) in mem.items()}) for k, mem in read_index(folder / entry["index"])]
+    samples = [(k, {ext: raw[o:o + n] for ext, (o, n) in mem.items()})
+               for k, mem in read_index(folder / entry["index"])]
     with ShardWriter(folder / entry["name"]) as w:
         for i, (k, mem) in enumerate(samples):
             w.write(k, edit(mem) if i == pos else mem)

@@ -156,7 +156,8 @@ def _hostile_root(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
     return src, files
 
 
-@pytest.mark.skipif(getattr(images, "_jpeg", None) is None, reason="kernels._jpeg not built: Pillow misses damaged data")
+@pytest.mark.skipif(getattr(images, "_jpeg", None) is None,
+                    reason="kernels._jpeg not built: Pillow misses damaged data")
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_hostile_jpegs_are_rejected_and_the_run_goes_on(tmp_path):
     src, files = _hostile_root(tmp_path)

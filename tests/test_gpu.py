@@ -18,7 +18,8 @@ def test_triton_batch_kernel_on_cuda_matches_reference():
     from kernels.normalize import IMAGENET_MEAN, IMAGENET_STD, affine_constants
 
     rng = np.random.default_rng(0)
-    imgs = [torch.from_numpy(rng.integers(0, 256, (3, h, w), dtype=np.uint8)) for h, w in ((375, 500), (500, 333), (64, 90))]
+    imgs = [torch.from_numpy(rng.integers(0, 256, (3, h, w), dtype=np.uint8))
+            for h, w in ((375, 500), (500, 333), (64, 90))]
     boxes = np.array([[10.5, 20.0, 300.0, 250.0], [0.0, 0.0, 333.0, 500.0], [5.0, 3.0, 40.0, 30.0]])
     flips = np.array([1, 0, 1])
     scale, shift = affine_constants(IMAGENET_MEAN, IMAGENET_STD, "cuda")
@@ -55,7 +56,8 @@ def test_backends_on_cuda_match_cpu_output(colour_shards, backend):
 @cuda
 def test_nvjpeg_corrupt_samples_on_cuda(corrupt_shards):
     path, bad = corrupt_shards
-    loader = create_loader(path, backend="nvjpeg", device="cuda", batch_size=6, image_size=24, workers=2, drop_last=False)
+    loader = create_loader(path, backend="nvjpeg", device="cuda", batch_size=6, image_size=24, workers=2,
+                           drop_last=False)
     n = sum(len(y) for _, y in loader)
     assert n == 60 and set(loader.stats.corrupt_keys) == bad
 

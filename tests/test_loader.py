@@ -55,8 +55,8 @@ def test_two_rank_train_slices_are_disjoint_and_equal(colour_shards):
     # And uneven world sizes still give equal counts on every rank.
     counts = {len(plan.train_batches_local(61, 49, 0, r, 3, 4)) for r in range(3)}
     assert counts == {61 // 3 // 4}
-    lens = [len(create_loader(colour_shards, batch_size=7, image_size=16, device="cpu", workers=1, rank=r, world_size=2))
-            for r in range(2)]
+    lens = [len(create_loader(colour_shards, batch_size=7, image_size=16, device="cpu", workers=1, rank=r,
+                              world_size=2)) for r in range(2)]
     assert lens[0] == lens[1] == 4
 
 

@@ -159,7 +159,8 @@ def test_brace_pattern_of_local_tars(colour_shards):
     assert len(names) > 1
     pattern = str(colour_shards / f"val-{{000000..{len(names) - 1:06d}}}.tar")
     loader = create_loader(pattern, split="val", batch_size=6, image_size=24, device="cpu", workers=1, normalize=False)
-    ref = create_loader(colour_shards, split="val", batch_size=6, image_size=24, device="cpu", workers=1, normalize=False)
+    ref = create_loader(colour_shards, split="val", batch_size=6, image_size=24, device="cpu", workers=1,
+                        normalize=False)
     for (a, la), (b, lb) in zip(collect(loader), collect(ref)):
         assert torch.equal(a, b) and torch.equal(la, lb)
     with pytest.raises(Exception, match="pipe"):
