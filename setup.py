@@ -60,7 +60,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "matplotlib>=3.7", "atheris>=2.3; sys_platform == 'linux'"],
-        "bench": ["matplotlib>=3.7"],
+        "bench": ["matplotlib>=3.7", "scikit-image>=0.19"],  # photos for benchmarks.photos
         "dali": ["nvidia-dali-cuda130"],
         "npu": ["torch_npu"],
         # pillow-simd must replace Pillow, not sit beside it, and builds from source with AVX2:

@@ -13,8 +13,25 @@ from typing import Callable
 DEFAULT_CACHE = Path(os.environ.get("BENCH_CACHE", Path(__file__).resolve().parent / "out" / "cache"))
 
 
-def imagenet_like(classes: int = 20, per_class: int = 50, size: int = 500, cache: Path = DEFAULT_CACHE) -> Path:
-    """A cached synthetic ImageFolder of ImageNet-like JPEGs (mostly 500x375, about 110 KB)."""
+CONTENTS = ("photos", "synthetic")
+
+
+def imagenet_like(classes: int = 20, per_class: int = 50, size: int = 500, cache: Path = DEFAULT_CACHE,
+                  content: str = "photos") -> Path:
+    """A cached ImageFolder of ImageNet-like JPEGs (about 500 x 430 px).
+
+    content="photos" (the default) cuts them from real photographs with camera noise and
+    ImageNet's mix of JPEG settings (`benchmarks.photos`; needs scikit-image); "synthetic"
+    renders flat shapes (`convert.synthetic`), which decode faster than photos and so flatter
+    every loader figure. `size` applies to the synthetic renders only.
+    """
+    if content == "photos":
+        from .photos import PhotoConfig, generate as generate_photos
+
+        cfg = PhotoConfig(classes=classes, per_class=per_class, val_per_class=max(1, per_class // 10))
+        return generate_photos(cache / f"photos_{classes}x{per_class}_s{cfg.seed}", cfg)
+    if content != "synthetic":
+        raise ValueError(f"content must be one of {CONTENTS}, not {content!r}")
     from convert.synthetic import SyntheticConfig, generate
 
     cfg = SyntheticConfig(classes=classes, per_class=per_class, val_per_class=max(1, per_class // 10), size=size)
