@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from conftest import jpeg_bytes
 from convert.imagenet_to_shards import convert
