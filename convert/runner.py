@@ -1,10 +1,11 @@
 """Plan shards, encode their images in parallel, resume what an interrupted run finished.
 
 The plan (which samples go into which shard, in which order) is fixed before any image is read.
-The unit of parallel work is a small chunk of images, not a shard, so every core is busy even
-when a resized dataset fits in one shard. Worker processes only encode; this process writes
-the shards one by one in plan order. So the output does not depend on the worker count, and an
-interrupted run loses at most the shard being written.
+With many shards, each worker process writes whole shards. With fewer shards than that keeps
+busy (a resized dataset often fits in one), the unit of parallel work is a chunk of images:
+workers only encode, and this process writes the shards one by one in plan order. Either way
+the output does not depend on the worker count, and an interrupted run loses at most the
+shards being written.
 """
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ import json
 import math
 import multiprocessing as mp
 import os
+import queue
 import sys
 import time
 from collections import deque
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -102,6 +104,9 @@ CHUNK = 16
 # Tasks in flight per worker: keeps every worker busy across shard boundaries while bounding
 # the encoded bytes held in memory.
 AHEAD = 4
+# Shards per worker from which whole shards become the unit of work (see split_by_shard):
+# enough that the last, uneven wave of shards costs little.
+SHARDS_PER_WORKER = 4
 
 
 def encode_chunk(encoder: Encoder, options: dict, items: list[Item]) -> list[tuple]:
@@ -115,6 +120,23 @@ def encode_chunk(encoder: Encoder, options: dict, items: list[Item]) -> list[tup
         else:
             out.append((sample, nbytes_in, None))
     return out
+
+
+_progress_queue = None
+
+
+def _init_shard_worker(progress_queue) -> None:
+    global _progress_queue
+    _progress_queue = progress_queue
+
+
+def _report(n: int, bytes_in: int, bytes_out: int) -> None:
+    _progress_queue.put((n, bytes_in, bytes_out))
+
+
+def write_whole_shard(job: ShardJob, out: Path, strict: bool) -> dict:
+    """Worker side of the per-shard mode: encode and write one shard."""
+    return _write_shard(job, out, strict, _encoded_chunks([job], None, 0), _report)
 
 
 # -- main side --------------------------------------------------------------------------------
@@ -224,17 +246,27 @@ def run_conversion(out: Path, tool: str, classes: list[str], splits: dict[str, l
     return final, reports
 
 
-def _write_all(todo: list[ShardJob], out: Path, strict: bool, workers: int, on_progress, on_done) -> None:
-    """Write the shards one after another in plan order, their images encoded by `workers` processes.
+def split_by_shard(n_shards: int, workers: int) -> bool:
+    """Whether whole shards are the unit of parallel work (else chunks of images).
 
-    Only the encoding is parallel; this process writes every byte, in plan order, so the output
-    cannot depend on the worker count or on which worker finishes first.
+    With plenty of shards, each worker writes whole shards itself: no image bytes cross a
+    process boundary and this process does no per-image work, which matters for passthrough
+    (cheap per image) on many cores. With few shards (a resized dataset often fits in one),
+    workers encode chunks of images and this process writes them in plan order. Both write
+    the same bytes.
     """
+    return workers > 1 and n_shards >= SHARDS_PER_WORKER * workers
+
+
+def _write_all(todo: list[ShardJob], out: Path, strict: bool, workers: int, on_progress, on_done) -> None:
+    """Write every shard of `todo` with `workers` processes; the output cannot depend on the
+    worker count or on which worker finishes first."""
+    if split_by_shard(len(todo), workers):
+        return _run_shard_pool(todo, out, strict, workers, on_progress, on_done)
     n_chunks = sum(math.ceil(len(j.items) / CHUNK) for j in todo)
     pool = None
     if workers > 1 and n_chunks > 1:
-        ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-        pool = ProcessPoolExecutor(min(workers, n_chunks), mp_context=ctx)
+        pool = ProcessPoolExecutor(min(workers, n_chunks), mp_context=_mp_context())
     try:
         results = _encoded_chunks(todo, pool, AHEAD * workers)
         for job in todo:
@@ -244,6 +276,36 @@ def _write_all(todo: list[ShardJob], out: Path, strict: bool, workers: int, on_p
             # On error or Ctrl-C: drop the queued chunks; the shard being written removed its
             # partial files on the way out.
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _mp_context():
+    return mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+
+
+def _run_shard_pool(todo, out, strict, workers, on_progress, on_done) -> None:
+    ctx = _mp_context()
+    q = ctx.Queue()
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_shard_worker, initargs=(q,))
+    try:
+        futures = {pool.submit(write_whole_shard, job, out, strict): job for job in todo}
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+            _drain(q, on_progress)
+            for f in done:
+                on_done(futures[f], f.result())  # re-raises a worker's ConvertError here
+    finally:
+        # On error or Ctrl-C: drop queued shards; those in flight clean up their partial files.
+        pool.shutdown(wait=True, cancel_futures=True)
+        _drain(q, on_progress)
+
+
+def _drain(q, on_progress) -> None:
+    while True:
+        try:
+            on_progress(*q.get_nowait())
+        except queue.Empty:
+            return
 
 
 def _encoded_chunks(todo: list[ShardJob], pool, depth: int):

@@ -12,6 +12,7 @@ import pytest
 
 from conftest import jpeg_bytes
 from convert.imagenet_to_shards import convert
+from convert import runner
 from convert.runner import CHUNK, ConvertError, Item, plan_shards, run_conversion
 from convert.synthetic import SyntheticConfig, generate
 from pipeline.shard_format import JPEG_EXT, Sample, load_manifest
@@ -29,22 +30,23 @@ def all_bytes(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
+@pytest.mark.parametrize("mode", ["chunks", "shards"])
 @pytest.mark.parametrize("shard_size_mb", [256, 0.04])
-def test_output_is_byte_identical_for_any_worker_count(photo_root, tmp_path, shard_size_mb):
-    outs = {}
-    for workers in (1, 2, 3):
-        out = tmp_path / f"w{workers}"
-        convert(photo_root, out, shard_size_mb=shard_size_mb, max_side=128, workers=workers, progress=False)
-        outs[workers] = all_bytes(out)
-    shards = load_manifest(tmp_path / "w1")["splits"]["train"]["shards"]
+def test_output_is_byte_identical_for_any_worker_count(photo_root, tmp_path, monkeypatch, shard_size_mb, mode):
+    ref = tmp_path / "w1"
+    convert(photo_root, ref, shard_size_mb=shard_size_mb, max_side=128, workers=1, progress=False)
+    shards = load_manifest(ref)["splits"]["train"]["shards"]
     # The default size makes one train shard (the case a per-shard pool ran on one core);
     # the small size makes many, with chunks that end at shard boundaries.
     assert (len(shards) == 1) if shard_size_mb == 256 else (len(shards) > 3)
     assert sum(s["samples"] for s in shards) == 3 * (2 * CHUNK + 5)
-    assert outs[2].keys() == outs[1].keys() == outs[3].keys()
-    for name in outs[1]:
-        assert outs[2][name] == outs[1][name], name
-        assert outs[3][name] == outs[1][name], name
+    # Force the unit of parallel work: whole shards, or chunks of images.
+    monkeypatch.setattr(runner, "SHARDS_PER_WORKER", 0 if mode == "shards" else 10**9)
+    for workers in (2, 3):
+        assert runner.split_by_shard(len(shards), workers) == (mode == "shards")
+        out = tmp_path / f"w{workers}"
+        convert(photo_root, out, shard_size_mb=shard_size_mb, max_side=128, workers=workers, progress=False)
+        assert all_bytes(out) == all_bytes(ref)
 
 
 def encode_with_pid(item: Item, options: dict) -> tuple[Sample, int]:
