@@ -1,7 +1,8 @@
 """Conversion throughput: ours at 1 and 2 workers against a plain webdataset writer and the
-validation-decode ceiling, on generated ImageNet-like JPEGs.
+validation-decode ceiling, on generated ImageNet-like JPEGs or your own ImageFolder.
 
     python -m benchmarks.convert [--classes 20 --per-class 50 --repeats 3]
+    python -m benchmarks.convert --src DIR --shard-size-mb 256   # DIR holds train/<class>/*.JPEG
 
 Rates are medians over repeats after a warm-up run (which also warms the page cache).
 """
@@ -60,11 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--classes", type=int, default=20)
     p.add_argument("--per-class", type=int, default=60)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--src", type=Path, help="an ImageFolder with train/ to convert instead of generated images")
+    p.add_argument("--shard-size-mb", type=float, default=256,
+                   help="shard size of our runs (default 256, the converter's default)")
     a = p.parse_args(argv)
 
     from convert.imagenet_to_shards import convert
 
-    src = imagenet_like(a.classes, a.per_class)
+    src = a.src if a.src is not None else imagenet_like(a.classes, a.per_class)
     files = _sources(src)
     n_files = len(files)
     mb_in = sum(f.stat().st_size for f in files) / 1e6
@@ -83,8 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     ]
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-convert-"))
-    # Shards small enough that two workers always have work (the unit of parallelism is a shard).
-    shard_mb = max(1.0, mb_in / 16)
+    # Images, not shards, are the unit of parallelism, so the default size (often one shard
+    # after --max-side) must still use every worker.
+    shard_mb = a.shard_size_mb
     try:
         def ref():
             shutil.rmtree(tmp / "ref", ignore_errors=True)

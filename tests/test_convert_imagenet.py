@@ -270,6 +270,38 @@ def test_max_side_downscales_and_reencodes(tmp_path):
         assert s["meta"]["quality"] == 80
 
 
+def _downscaled(arr: np.ndarray) -> tuple[np.ndarray, Image.Image]:
+    buf = io.BytesIO()
+    Image.fromarray(arr.astype(np.uint8)).save(buf, format="JPEG", quality=95, subsampling="4:2:0")
+    out = images.prepare_image(buf.getvalue(), max_side=256, quality=95)
+    return np.asarray(Image.open(io.BytesIO(out.jpeg)).convert("RGB")).astype(np.float64), Image.open(buf)
+
+
+def test_max_side_resize_keeps_geometry():
+    """Pixels encode their source coordinates: a shifted, flipped or transposed downscale fails."""
+    w, h = 640, 480
+    x, y = np.meshgrid(np.arange(w), np.arange(h))
+    got, _ = _downscaled(np.stack([x * 255 // (w - 1), y * 255 // (h - 1), np.full((h, w), 128)], -1))
+    assert got.shape == (192, 256, 3)
+    gx, gy = np.meshgrid((np.arange(256) + 0.5) * w / 256 - 0.5, (np.arange(192) + 0.5) * h / 192 - 0.5)
+    inner = (slice(4, -4), slice(4, -4))  # away from the edges, where the filter clamps
+    # The JPEG round trips alone account for up to ~4 levels; a flip or transpose is off by 100s.
+    assert np.abs(got[..., 0] - gx * 255 / (w - 1))[inner].max() < 6
+    assert np.abs(got[..., 1] - gy * 255 / (h - 1))[inner].max() < 6
+
+
+def test_max_side_resize_stays_close_to_lanczos():
+    """The cheaper filter keeps fine detail: on blurred noise, Hamming scores 36.5 dB against a
+    Lanczos-3 downscale; box and bilinear score 33-34, nearest neighbour 29."""
+    from PIL import ImageFilter
+
+    noise = np.random.default_rng(5).integers(0, 256, (480, 640)).astype(np.uint8)
+    arr = np.asarray(Image.fromarray(noise).filter(ImageFilter.GaussianBlur(1.0)).convert("RGB"))
+    got, src = _downscaled(arr)
+    lanczos = np.asarray(src.convert("RGB").resize((256, 192), Image.Resampling.LANCZOS))
+    assert 10 * np.log10(255 ** 2 / np.mean((got - lanczos) ** 2)) > 35
+
+
 def test_same_input_gives_identical_shards(synthetic_root, tmp_path):
     convert(synthetic_root, tmp_path / "a", shard_size_mb=0.05, workers=1, progress=False)
     convert(synthetic_root, tmp_path / "b", shard_size_mb=0.05, workers=2, progress=False)
