@@ -24,7 +24,7 @@ PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "r
           "stereo_motorcycle")
 
 
-def photo_folder(root: Path, n: int, classes: int = 10, seed: int = 0) -> Path:
+def photo_folder(root: Path, n: int, classes: int = 10, seed: int = 0, noise: float = 10.0) -> Path:
     """An ImageFolder (train/) of `n` noisy real-photo JPEGs, built once and cached."""
     done = root / "train" / ".complete"
     if done.exists():
@@ -50,7 +50,7 @@ def photo_folder(root: Path, n: int, classes: int = 10, seed: int = 0) -> Path:
         out_w = 500
         out_h = max(64, round(out_w * ch / cw))
         im = Image.fromarray(src[y:y + ch, x:x + cw]).resize((out_w, out_h), Image.Resampling.BICUBIC)
-        noisy = np.asarray(im, np.float32) + rng.normal(0, 4.0, (out_h, out_w, 3))  # sensor noise
+        noisy = np.asarray(im, np.float32) + rng.normal(0, noise, (out_h, out_w, 3))  # sensor noise
         folder = root / "train" / f"n{i % classes:08d}"
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(folder / f"img_{i:05d}.JPEG", quality=90,
@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=600)
     p.add_argument("--intervals", type=int, nargs="+", default=[0, 8, 4, 2, 1], help="target MCUs (0: one row)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--noise", type=float, default=10.0,
+                   help="sensor noise sigma (10: about 100 KB per 500 px photo at q90, like ImageNet's)")
     p.add_argument("--loader", action="store_true", help="also the 2-worker loaders against the reference")
     p.add_argument("--loader-intervals", type=int, nargs="+", default=[4, 0])
     p.add_argument("--batch-size", type=int, default=64)
@@ -98,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     from convert.images import prepare_image
     from pipeline.augment import Transform
 
-    src = photo_folder(DEFAULT_CACHE / f"restart_photos_{a.images}", a.images)
+    src = photo_folder(DEFAULT_CACHE / f"restart_photos_{a.images}_noise{a.noise:g}", a.images, noise=a.noise)
     files = sorted((src / "train").rglob("*.JPEG"))
     datas = [f.read_bytes() for f in files]
     n = len(datas)
@@ -134,16 +136,16 @@ def main(argv: list[str] | None = None) -> int:
 
     def run(items, fn):
         def go():
-            decode_mod._decode_region = fn
+            decode_mod.use_restart_index = fn
             for i, d in enumerate(items):
                 dec.decode_into(d, boxes[i], flips[i], out, sizes[i])
         return go
 
-    fns = {"today": run(datas, _jpeg.decode_region)}
+    fns = {"today": run(datas, False)}
     for target in a.intervals:
-        fns[f"indexed {target or 'row'}"] = run(variants[target], _jpeg.decode_region_rst)
+        fns[f"indexed {target or 'row'}"] = run(variants[target], True)
     rates = interleaved(fns, n, a.repeats)
-    decode_mod._decode_region = _jpeg.decode_region_rst
+    decode_mod.use_restart_index = True
     drows = [{"name": k, "img_s": v, "ratio": v / rates["today"]} for k, v in rates.items()]
     print(table(drows, [("name", "decode + resize, 1 core", "s"), ("img_s", "img/s", ".0f"),
                         ("ratio", "x today", ".2f")]))
@@ -154,9 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     for target in a.intervals:
         m = 0
         for i in range(n):
-            decode_mod._decode_region = _jpeg.decode_region
+            decode_mod.use_restart_index = False
             dec.decode_into(datas[i], boxes[i], flips[i], ref, sizes[i])
-            decode_mod._decode_region = _jpeg.decode_region_rst
+            decode_mod.use_restart_index = True
             dec.decode_into(variants[target][i], boxes[i], flips[i], got, sizes[i])
             m = max(m, int(np.abs(ref.astype(int) - got).max()))
         worst[target] = m

@@ -619,8 +619,6 @@ static int rst_parse(const unsigned char *d, size_t n, rst_layout *L) {
                 if (v > maxv) maxv = v;
             }
             keep = 1;
-        } else if ((m >= 0xC2 && m <= 0xCF && m != 0xC4 && m != 0xC8 && m != 0xCC) || m == 0xCC) {
-            return -1; /* progressive, lossless, hierarchical, arithmetic */
         } else if (m == 0xDD) {
             if (len != 4) return -1;
             L->dri = p;
@@ -633,8 +631,8 @@ static int rst_parse(const unsigned char *d, size_t n, rst_layout *L) {
             keep = 1;
         } else if (m == 0xDB || m == 0xC4 || m == 0xE0 || m == 0xEE) {
             keep = 1; /* tables; JFIF and Adobe, which say how to convert the colours */
-        } else if (m == 0xD8 || m == 0xD9 || (m >= 0xD0 && m <= 0xD7) || m == 0x01 || m == 0xDC) {
-            return -1; /* not where a header may have it; DNL is not supported by libjpeg */
+        } else if (!((m >= 0xE1 && m <= 0xEF) || m == 0xFE)) {
+            return -1; /* what libjpeg would not skip either: it decides on the whole file */
         }
         if (keep) {
             if (L->n_keep == (int)(sizeof L->keep / sizeof L->keep[0])) return -1;
@@ -855,6 +853,37 @@ static PyObject *py_decode_region_rst(PyObject *self, PyObject *args, PyObject *
 }
 
 /* -- add_restarts -------------------------------------------------------------------------------- */
+/* A growable memory destination whose buffer this module owns, so an error exit (a longjmp out of
+ * libjpeg) can free it; jpeg_mem_dest's buffer is only reachable through libjpeg's private state
+ * until it finishes. */
+typedef struct {
+    struct jpeg_destination_mgr pub;
+    unsigned char *buf;
+    size_t cap, len;
+} grow_dest;
+
+static void grow_init(j_compress_ptr cinfo) {
+    grow_dest *d = (grow_dest *)cinfo->dest;
+    d->pub.next_output_byte = d->buf;
+    d->pub.free_in_buffer = d->cap;
+}
+
+static boolean grow_empty(j_compress_ptr cinfo) {
+    grow_dest *d = (grow_dest *)cinfo->dest;
+    unsigned char *bigger = d->cap <= SIZE_MAX / 2 ? realloc(d->buf, d->cap * 2) : NULL;
+    if (bigger == NULL) ERREXIT1(cinfo, JERR_OUT_OF_MEMORY, 4); /* case 4: a failed malloc */
+    d->buf = bigger;
+    d->pub.next_output_byte = bigger + d->cap;
+    d->pub.free_in_buffer = d->cap;
+    d->cap *= 2;
+    return TRUE;
+}
+
+static void grow_term(j_compress_ptr cinfo) {
+    grow_dest *d = (grow_dest *)cinfo->dest;
+    d->len = d->cap - d->pub.free_in_buffer;
+}
+
 static PyObject *py_add_restarts(PyObject *self, PyObject *args) {
     Py_buffer data;
     int target;
@@ -870,8 +899,17 @@ static PyObject *py_add_restarts(PyObject *self, PyObject *args) {
     context ctx;
     prepare(&src, &ctx, &lim);
     memset(&dst, 0, sizeof dst);
-    unsigned char *volatile out = NULL;
-    volatile unsigned long out_len = 0;
+    grow_dest dest; /* its address is libjpeg's: in memory, valid after a longjmp */
+    memset(&dest, 0, sizeof dest);
+    dest.pub.init_destination = grow_init;
+    dest.pub.empty_output_buffer = grow_empty;
+    dest.pub.term_destination = grow_term;
+    dest.cap = (size_t)data.len + (size_t)data.len / 8 + 4096; /* markers and all: rarely grows */
+    dest.buf = malloc(dest.cap);
+    if (dest.buf == NULL) {
+        PyBuffer_Release(&data);
+        return PyErr_NoMemory();
+    }
     volatile unsigned interval = 0;
     volatile int failed = 0, dst_made = 0;
     Py_BEGIN_ALLOW_THREADS
@@ -899,9 +937,7 @@ static PyObject *py_add_restarts(PyObject *self, PyObject *args) {
         jpeg_create_compress(&dst);
         dst_made = 1;
         dst.mem->max_memory_to_use = (long)ctx.max_memory;
-        unsigned char *buf = NULL;
-        unsigned long len = 0;
-        jpeg_mem_dest(&dst, &buf, &len);
+        dst.dest = &dest.pub;
         jpeg_copy_critical_parameters(&src, &dst);
         int mcu_w = src.num_components == 1 ? 8 : 8 * src.max_h_samp_factor;
         unsigned mpr = (src.image_width + mcu_w - 1) / mcu_w;
@@ -923,14 +959,14 @@ static PyObject *py_add_restarts(PyObject *self, PyObject *args) {
             jpeg_write_marker(&dst, m->marker, m->data, m->data_length);
         }
         jpeg_finish_compress(&dst);
-        jpeg_finish_decompress(&src); /* reads on to EOI: damage after the last row counts */
-        out = buf;
-        out_len = len;
+        jpeg_finish_decompress(&src);
     }
-    if (dst_made) jpeg_destroy_compress(&dst); /* does not free jpeg_mem_dest's buffer */
+    if (dst_made) jpeg_destroy_compress(&dst);
     jpeg_destroy_decompress(&src);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&data);
+    unsigned char *out = dest.buf;
+    size_t out_len = dest.len;
     if (failed) {
         free(out);
         return raise_failure(&ctx);

@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 
 # Shard JPEGs with restart markers (the converter's default) are decoded from only the restart
 # intervals that cover the box; any other JPEG takes the whole-file region decode inside it.
-_decode_region = getattr(_jpeg, "decode_region_rst", None) or getattr(_jpeg, "decode_region", None)
+# False: always the whole-file decode (benchmarks and tests compare the two).
+use_restart_index = True
 
 _REPLACE_STREAM = 1
 _MAX_REPLACEMENT_TRIES = 16
@@ -158,7 +159,9 @@ class BatchDecoder:
         if self._scratch.size < need:
             self._scratch = np.empty(int(need * 1.25), np.uint8)
         try:
-            left, top, rw, rows = _decode_region(data, ix, iy, iw, ih, d, self._scratch, self.fast_dct)
+            decode = _jpeg.decode_region_rst if use_restart_index and hasattr(_jpeg, "decode_region_rst") \
+                else _jpeg.decode_region
+            left, top, rw, rows = decode(data, ix, iy, iw, ih, d, self._scratch, self.fast_dct)
         except CorruptJPEG as e:
             raise CorruptSample(str(e)) from None
         region = self._scratch[:rw * rows * 3].reshape(rows, rw, 3)

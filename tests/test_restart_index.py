@@ -142,16 +142,16 @@ def test_the_loader_output_is_unchanged_by_the_index(photo):
     boxes, flips = tf.params(3, 0, np.arange(64), sizes)
     dec = dm.BatchDecoder(None, tf, seed=3, fast_dct=True)
     a, b = np.empty((224, 224, 3), np.uint8), np.empty((224, 224, 3), np.uint8)
-    old = dm._decode_region
+    old = dm.use_restart_index
     try:
         for i in range(64):
-            dm._decode_region = _jpeg.decode_region
+            dm.use_restart_index = False
             dec.decode_into(photo, boxes[i], flips[i], a, sizes[i])
-            dm._decode_region = _jpeg.decode_region_rst
+            dm.use_restart_index = True
             dec.decode_into(out, boxes[i], flips[i], b, sizes[i])
             assert np.array_equal(a, b), i
     finally:
-        dm._decode_region = old
+        dm.use_restart_index = old
 
 
 def test_files_without_a_usable_layout_take_the_whole_file_path(photo):
