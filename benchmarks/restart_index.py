@@ -162,11 +162,15 @@ def main(argv: list[str] | None = None) -> int:
             dec.decode_into(variants[target][i], boxes[i], flips[i], got, sizes[i])
             m = max(m, int(np.abs(ref.astype(int) - got).max()))
         worst[target] = m
+    # The marker scan each indexed decode does (no offset table is stored; see shard_format).
+    four = variants.get(4, next(iter(variants.values())))
+    scan = median_rate(lambda: [_jpeg.restart_layout(d) for d in four], n, a.repeats)
+    print(f"marker scan: {1e6 / scan:.1f} us per image, {rates['today'] / scan:.2%} of today's decode + resize")
     print("max |indexed - today| of the loader's 224 x 224 output:",
           ", ".join(f"interval {k or 'row'}: {v}" for k, v in worst.items()))
 
     payload = {"images": n, "mean_kb": mean_kb, "bytes": rows, "conversion": conv, "decode": drows,
-               "max_pixel_difference": worst}
+               "max_pixel_difference": worst, "scan_us": 1e6 / scan}
     if a.loader:
         payload["loader"] = loader_rows(src, a)
     path = write_json("restart_index", payload)

@@ -932,6 +932,12 @@ static PyObject *py_add_restarts(PyObject *self, PyObject *args) {
               (src.num_components == 1 && src.jpeg_color_space == JCS_GRAYSCALE)))
             fail((j_common_ptr)&src, FAIL_UNSUPPORTED, "unsupported JPEG: restart markers are only added to "
                  "single-scan Huffman 8-bit grey or YCbCr files");
+        /* Sampling ratios libjpeg cannot upsample (3:2, say) still transcode, but the RGB decode
+         * of the result fails as the source's does; leave such files as they are. */
+        for (int ci = 0; ci < src.num_components; ci++)
+            if (src.max_h_samp_factor % src.comp_info[ci].h_samp_factor ||
+                src.max_v_samp_factor % src.comp_info[ci].v_samp_factor)
+                fail((j_common_ptr)&src, FAIL_UNSUPPORTED, "unsupported JPEG: fractional sampling");
         jvirt_barray_ptr *coefs = jpeg_read_coefficients(&src);
         dst.err = src.err;
         jpeg_create_compress(&dst);

@@ -89,6 +89,12 @@ def test_what_cannot_be_transcoded_is_unsupported_or_corrupt(photo):
         _jpeg.add_restarts(b"\xff\xd8\xff\xdb\x00", 4)
     with pytest.raises(ValueError):
         _jpeg.add_restarts(photo, -1)
+    # 3x2 luma with 2x1 chroma: libjpeg reads the coefficients but cannot upsample the result.
+    sof = photo.index(b"\xff\xc0")
+    odd = bytearray(photo)
+    odd[sof + 11], odd[sof + 14] = 0x32, 0x21
+    with pytest.raises(_jpeg.UnsupportedJPEG, match="fractional"):
+        _jpeg.add_restarts(bytes(odd), 4)
 
 
 def test_app_markers_are_kept(photo):
@@ -309,3 +315,18 @@ def test_indexed_shards_stay_standard_jpeg_for_webdataset_and_dali(photo_folder,
     got = [np.asarray(images.at(i)) for i in range(len(want))]
     for g in got:  # DALI's CPU decoder (libjpeg-turbo) decodes every sample to the same pixels
         assert any(g.shape == w.shape and np.abs(g.astype(int) - w).max() <= 1 for w in want.values())
+
+
+def test_fuzz_target_reaches_the_splice_and_the_transcode(tmp_path):
+    """The fuzz target (tests/fuzz) on mutants of its seeds, hostile offset tables included."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("fuzz_jpeg", Path(__file__).parent / "fuzz" / "fuzz_jpeg.py")
+    fuzz = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fuzz)
+    corpus = [v for k, v in fuzz.seed_inputs().items() if k.startswith("splice_")]
+    assert len(corpus) >= 10
+    stats = fuzz.run_mutations(corpus, 3000, seed=5, crash_dir=tmp_path)
+    kinds = " ".join(stats)
+    assert "splice+scan-decoded" in kinds and "splice-none" in kinds and "+transcoded" in kinds, stats
