@@ -1,7 +1,7 @@
 """Restart-indexed shard JPEGs, side by side in one run: byte overhead, conversion cost, single-core
 decode + resize, and the 2-worker loader against the pytorch/examples reference.
 
-    python -m benchmarks.restart_index [--images 600 --intervals 0 8 4 2 1 --repeats 5 --loader]
+    python -m benchmarks.restart_index [--images 400 --intervals 0 8 4 2 1 --repeats 5 --loader]
 
 The images are real photographs (scikit-image's bundled ones): random ImageNet-like crops scaled
 to about 500 px wide, with camera-like noise, stored at quality 90, 4:2:0. Every ratio compares
@@ -11,7 +11,6 @@ loader's own draws); rates are medians of repeats after a warm-up. Interval 0 is
 from __future__ import annotations
 
 import argparse
-import io
 import statistics
 import time
 from pathlib import Path
@@ -84,13 +83,13 @@ def interleaved(fns: dict, n: int, repeats: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.restart_index", description=__doc__.split("\n")[0])
-    p.add_argument("--images", type=int, default=600)
+    p.add_argument("--images", type=int, default=400)
     p.add_argument("--intervals", type=int, nargs="+", default=[0, 8, 4, 2, 1], help="target MCUs (0: one row)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--noise", type=float, default=10.0,
                    help="sensor noise sigma (10: about 100 KB per 500 px photo at q90, like ImageNet's)")
     p.add_argument("--loader", action="store_true", help="also the 2-worker loaders against the reference")
-    p.add_argument("--loader-intervals", type=int, nargs="+", default=[4, 0])
+    p.add_argument("--loader-intervals", type=int, nargs="+", default=[4, 2, 0])
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
     a = p.parse_args(argv)
@@ -99,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     from kernels import _jpeg
     from convert.images import prepare_image
     from pipeline.augment import Transform
+    from pipeline.shard_format import RESTART_INTERVAL_MCUS
 
     src = photo_folder(DEFAULT_CACHE / f"restart_photos_{a.images}_noise{a.noise:g}", a.images, noise=a.noise)
     files = sorted((src / "train").rglob("*.JPEG"))
@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     n = len(datas)
     mean_kb = sum(map(len, datas)) / n / 1e3
     sizes = np.array([_jpeg.header(d)[:2] for d in datas])
-    print(f"{n} real-photo JPEGs, mean {sizes[:, 0].mean():.0f} x {sizes[:, 1].mean():.0f} px, {mean_kb:.0f} KB, q90 4:2:0")
+    print(f"{n} real-photo JPEGs, mean {sizes[:, 0].mean():.0f} x {sizes[:, 1].mean():.0f} px, {mean_kb:.0f} KB, "
+          "q90 4:2:0")
 
     # -- bytes and conversion cost --------------------------------------------------------------
     rows = []
@@ -122,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         if row is not None:  # the markers' own cost: against the same optimised Huffman tables
             r["vs_row"] = sum(map(len, variants[target])) / sum(map(len, row)) - 1
     conv = interleaved({"off": lambda: [prepare_image(d) for d in datas],
-                        "on": lambda: [prepare_image(d, restart_interval=4) for d in datas]}, n, a.repeats)
+                        "on": lambda: [prepare_image(d, restart_interval=RESTART_INTERVAL_MCUS) for d in datas]},
+                       n, a.repeats)
     print(table(rows, [("name", "restart interval", "s"), ("interval", "median MCUs", ".0f"),
                        ("bytes", "bytes vs source", "+.2%"), ("vs_row", "bytes vs 1-row interval", "+.2%")]))
     print(f"conversion (validate + prepare), 1 core: passthrough {conv['off']:.0f} img/s, "
@@ -163,9 +165,10 @@ def main(argv: list[str] | None = None) -> int:
             m = max(m, int(np.abs(ref.astype(int) - got).max()))
         worst[target] = m
     # The marker scan each indexed decode does (no offset table is stored; see shard_format).
-    four = variants.get(4, next(iter(variants.values())))
-    scan = median_rate(lambda: [_jpeg.restart_layout(d) for d in four], n, a.repeats)
-    print(f"marker scan: {1e6 / scan:.1f} us per image, {rates['today'] / scan:.2%} of today's decode + resize")
+    some = variants.get(RESTART_INTERVAL_MCUS, next(iter(variants.values())))
+    scan = median_rate(lambda: [_jpeg.restart_layout(d) for d in some], n, a.repeats)
+    print(f"marker scan of the whole file: {1e6 / scan:.1f} us per image, {rates['today'] / scan:.2%} of today's "
+          "decode + resize")
     print("max |indexed - today| of the loader's 224 x 224 output:",
           ", ".join(f"interval {k or 'row'}: {v}" for k, v in worst.items()))
 
@@ -180,11 +183,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def loader_rows(src: Path, a) -> list[dict]:
     """Reference (ImageFolder + DataLoader) and our cpu loader on shards with and without the index."""
-    import torch
-
     from convert.imagenet_to_shards import convert
     from pipeline import create_loader
-    from pipeline import shard_format
 
     from .loader import reference_loader
 
@@ -192,13 +192,9 @@ def loader_rows(src: Path, a) -> list[dict]:
     for target in [None, *a.loader_intervals]:
         out = src.parent / f"{src.name}_shards_{'none' if target is None else target}"
         if not (out / "manifest.json").exists():
-            old = shard_format.RESTART_INTERVAL_MCUS
-            import convert.imagenet_to_shards as cv
-            cv.RESTART_INTERVAL_MCUS = target if target is not None else old
             t = time.perf_counter()
             convert(src, out, splits=["train"], shard_size_mb=8, progress=False, workers=a.workers,
-                    restart_index=target is not None)
-            cv.RESTART_INTERVAL_MCUS = old
+                    restart_interval=target)
             print(f"converted {out.name} in {time.perf_counter() - t:.1f} s")
         shards[target] = out
     rows = []
@@ -207,7 +203,7 @@ def loader_rows(src: Path, a) -> list[dict]:
     ours = {}
     for target, path in shards.items():
         ours[target] = create_loader(path, batch_size=a.batch_size, image_size=224, device="cpu", workers=a.workers,
-                                     worker_mode="process", dtype=torch.float32)
+                                     worker_mode="process", normalize=False)  # uint8 for the device
         loaders[f"ours, index {'off' if target is None else (target or 'row')}"] = (lambda ld: lambda: ld)(ours[target])
     def epoch(make) -> float:
         t, n = time.perf_counter(), 0

@@ -144,8 +144,9 @@ def build_items(triples: list[tuple], order: np.ndarray | None) -> list[Item]:
 def convert(src: Path, out: Path, splits: list[str] | None = None, val_labels: Path | None = None,
             shard_size_mb: float = 256, max_side: int | None = None, quality: int = 90, seed: int = 49,
             workers: int | None = None, strict: bool = False, progress: bool = True,
-            restart_index: bool = True) -> tuple[dict, str]:
-    """Run the conversion; return (manifest, summary text)."""
+            restart_interval: int | None = RESTART_INTERVAL_MCUS) -> tuple[dict, str]:
+    """Run the conversion; return (manifest, summary text). `restart_interval`: MCUs between the
+    restart markers added to full-size JPEGs (0: one MCU row); None stores them byte for byte."""
     t0 = time.perf_counter()
     if not src.is_dir():
         raise ConvertError(f"--src {src}: no such directory")
@@ -170,7 +171,7 @@ def convert(src: Path, out: Path, splits: list[str] | None = None, val_labels: P
     class_to_idx = {c: i for i, c in enumerate(classes)}
 
     options = {"max_side": max_side, "quality": quality, "seed": seed, "shard_size_mb": shard_size_mb,
-               "restart_interval": RESTART_INTERVAL_MCUS if restart_index else None}
+               "restart_interval": restart_interval}
     shard_bytes = int(shard_size_mb * 1e6)
     planned, ignored, early_rejects = {}, {}, []
     for split in splits:
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _, summary = convert(a.src, a.out, a.splits, a.val_labels, a.shard_size_mb, a.max_side, a.quality,
                              a.seed, a.workers, a.strict, progress=not a.no_progress,
-                             restart_index=not a.no_restart_index)
+                             restart_interval=None if a.no_restart_index else RESTART_INTERVAL_MCUS)
     except ConvertError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if "--strict" not in str(e) else 1

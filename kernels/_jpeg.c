@@ -656,13 +656,15 @@ static int rst_parse(const unsigned char *d, size_t n, rst_layout *L) {
 
 /* Fills offs[0..n_intervals] (interval starts, then the EOI marker's offset) by scanning the
  * entropy-coded data. -1 unless the markers are exactly RST0..7 in sequence, n_intervals - 1 of
- * them, then EOI. */
-static int rst_scan(const unsigned char *d, size_t n, const rst_layout *L, uint32_t *offs) {
+ * them, then EOI. With upto < n_intervals it stops once offs[0..upto] are known: a region decode
+ * needs no more (and, like decode_region, reads nothing after its last row). */
+static int rst_scan(const unsigned char *d, size_t n, const rst_layout *L, uint32_t *offs, unsigned upto) {
     size_t p = L->entropy;
     unsigned k = 0;
     if (n > UINT32_MAX) return -1;
     offs[k++] = (uint32_t)p;
     for (;;) {
+        if (k > upto) return 0;
         const unsigned char *f = memchr(d + p, 0xFF, n - p);
         if (f == NULL) return -1;
         p = (size_t)(f - d);
@@ -737,9 +739,11 @@ static size_t rst_splice(const unsigned char *d, const rst_layout *L, const uint
     return q;
 }
 
-/* The layout and offsets of `data` (offsets from `given` when not NULL); 0, or -1 when the file
- * cannot be spliced. *offs is malloc'ed. */
-static int rst_prepare(const Py_buffer *data, const Py_buffer *given, rst_layout *L, uint32_t **offs) {
+/* The layout and offsets of `data` (offsets from `given` when not NULL; else scanned, only as far
+ * as the MCU row that holds pixel row y_end - 1); 0, or -1 when the file cannot be spliced. *offs
+ * is malloc'ed. */
+static int rst_prepare(const Py_buffer *data, const Py_buffer *given, rst_layout *L, uint32_t **offs,
+                       uint64_t y_end) {
     *offs = NULL;
     const unsigned char *d = data->buf;
     size_t n = (size_t)data->len;
@@ -757,7 +761,10 @@ static int rst_prepare(const Py_buffer *data, const Py_buffer *given, rst_layout
         if (rst_check(d, n, L, *offs, count) == 0) return 0;
     } else {
         *offs = malloc(((size_t)L->n_intervals + 1) * sizeof **offs);
-        if (*offs != NULL && rst_scan(d, n, L, *offs) == 0) return 0;
+        unsigned upto = L->n_intervals;
+        if (y_end >= 1 && y_end < L->height)
+            upto = (unsigned)((y_end - 1) / L->mcu_h + 1) * (L->mcus_per_row / L->interval);
+        if (*offs != NULL && rst_scan(d, n, L, *offs, upto) == 0) return 0;
     }
     free(*offs);
     *offs = NULL;
@@ -781,7 +788,7 @@ static PyObject *py_restart_layout(PyObject *self, PyObject *args) {
     }
     rst_layout L;
     uint32_t *offs;
-    int ok = rst_prepare(&data, have ? &given : NULL, &L, &offs) == 0;
+    int ok = rst_prepare(&data, have ? &given : NULL, &L, &offs, UINT64_MAX) == 0;
     free(offs);
     if (have) PyBuffer_Release(&given);
     PyBuffer_Release(&data);
@@ -808,7 +815,7 @@ static PyObject *py_decode_region_rst(PyObject *self, PyObject *args, PyObject *
     PyObject *src = NULL; /* the spliced JPEG, or NULL: the whole file */
     unsigned px0 = 0, py0 = 0;
     int usable = x >= 0 && y >= 0 && w > 0 && h > 0 && (denom == 1 || denom == 2 || denom == 4 || denom == 8) &&
-                 rst_prepare(&data, have ? &given : NULL, &L, &offs) == 0 &&
+                 rst_prepare(&data, have ? &given : NULL, &L, &offs, (uint64_t)y + (uint64_t)h) == 0 &&
                  (unsigned)x < L.width && (unsigned)y < L.height;
     if (usable) {
         int64_t sx1 = (int64_t)x + w, sy1 = (int64_t)y + h;
@@ -982,7 +989,7 @@ static PyObject *py_add_restarts(PyObject *self, PyObject *args) {
     Py_buffer view;
     PyObject *res = NULL;
     if (PyBuffer_FillInfo(&view, NULL, out, (Py_ssize_t)out_len, 1, PyBUF_SIMPLE) == 0 &&
-        rst_prepare(&view, NULL, &L, &offs) == 0) {
+        rst_prepare(&view, NULL, &L, &offs, UINT64_MAX) == 0) {
         PyObject *table = PyBytes_FromStringAndSize(NULL, ((Py_ssize_t)L.n_intervals + 1) * 4);
         if (table != NULL) {
             unsigned char *t = (unsigned char *)PyBytes_AsString(table);

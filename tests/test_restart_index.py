@@ -4,7 +4,6 @@ data, and the converter's output read by Pillow, webdataset and DALI."""
 from __future__ import annotations
 
 import io
-import struct
 import tarfile
 
 import numpy as np
