@@ -19,6 +19,10 @@
  * validate(data) -> (width, height, components, multi_scan)
  *     Entropy-decodes the whole file to its EOI cheaply (DCT scale 1/8, no colour
  *     conversion) under the same strict policy and limits: the converter's admission check.
+ * add_restarts(data, interval_mcus) -> (jpeg, interval, offsets)
+ * decode_region_rst(data, x, y, w, h, denom, out, fast=True, offsets=None) -> (left, top, width, rows)
+ * restart_layout(data, offsets=None) -> (mcus_per_row, mcu_rows, interval) or None
+ *     Restart-indexed JPEGs: see "restart-indexed JPEGs" below.
  * set_limits(*, max_memory=None, max_scans=None, max_multiscan_pixels=None) -> old limits
  * get_limits() -> {"max_memory": ..., "max_scans": ..., "max_multiscan_pixels": ...}
  * features() -> dict: the library actually loaded and which safe paths are in use.

@@ -329,3 +329,18 @@ def test_fuzz_target_reaches_the_splice_and_the_transcode(tmp_path):
     stats = fuzz.run_mutations(corpus, 3000, seed=5, crash_dir=tmp_path)
     kinds = " ".join(stats)
     assert "splice+scan-decoded" in kinds and "splice-none" in kinds and "+transcoded" in kinds, stats
+
+
+@pytest.mark.parametrize("sub", list(SAMPLINGS))
+def test_spliced_region_is_the_full_decode_of_the_original(sub):
+    """Exact IDCT and fancy upsampling: the pixels of a full Pillow decode of the source, except
+    within 2 px of the decoded region's cut edges (chroma upsampling has no neighbour there)."""
+    src = fx.pil_jpeg(fx.photo(333, 250, seed=8), quality=90, subsampling=sub)
+    full = pixels(src).astype(int)
+    out, _, _ = _jpeg.add_restarts(src, 2)
+    for box in BOXES:
+        (left, top, width, rows), got = region(_jpeg.decode_region_rst, out, box, 1, fast=False)
+        diff = np.abs(got.astype(int) - full[top:top + rows, left:left + width])
+        if min(diff.shape[:2]) > 4:
+            assert diff[2:-2, 2:-2].max() == 0, box
+        assert diff.max() <= 40, box
