@@ -695,7 +695,7 @@ static int rst_scan(const unsigned char *d, size_t n, const rst_layout *L, uint3
 static int rst_check(const unsigned char *d, size_t n, const rst_layout *L, const uint32_t *offs, size_t count) {
     if (count != (size_t)L->n_intervals + 1 || offs[0] != L->entropy) return -1;
     for (size_t i = 1; i < L->n_intervals; i++) {
-        if (offs[i] <= offs[i - 1] + 2 || offs[i] > n || d[offs[i] - 2] != 0xFF ||
+        if ((uint64_t)offs[i] <= (uint64_t)offs[i - 1] + 2 || offs[i] > n || d[offs[i] - 2] != 0xFF ||
             d[offs[i] - 1] != 0xD0 + ((i - 1) & 7))
             return -1;
     }
@@ -751,7 +751,7 @@ static int rst_prepare(const Py_buffer *data, const Py_buffer *given, rst_layout
     *offs = NULL;
     const unsigned char *d = data->buf;
     size_t n = (size_t)data->len;
-    if (rst_parse(d, n, L) < 0) return -1;
+    if (n > UINT32_MAX || rst_parse(d, n, L) < 0) return -1; /* offsets are 32-bit */
     if (given != NULL) {
         if (given->len % 4) return -1;
         size_t count = (size_t)given->len / 4;
