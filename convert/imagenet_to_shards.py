@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.shard_format import JPEG_EXT, Sample, sample_key
+from pipeline.shard_format import JPEG_EXT, RESTART_INTERVAL_MCUS, Sample, sample_key
 
 from .images import IMG_EXTENSIONS, RejectedImage, prepare_image
 from .runner import ConvertError, Item, default_workers, format_summary, plan_shards, run_conversion
@@ -108,7 +108,7 @@ def encode_image_file(item: Item, options: dict) -> tuple[Sample, int]:
             data = f.read()
     except OSError as e:
         raise RejectedImage(f"unreadable file ({e.strerror or e})") from None
-    prepared = prepare_image(data, options.get("max_side"), options["quality"])
+    prepared = prepare_image(data, options.get("max_side"), options["quality"], options.get("restart_interval"))
     meta = {"path": item.path, "label": item.label, **prepared.meta}
     return Sample(prepared.jpeg, JPEG_EXT, item.label, meta), len(data)
 
@@ -143,8 +143,10 @@ def build_items(triples: list[tuple], order: np.ndarray | None) -> list[Item]:
 
 def convert(src: Path, out: Path, splits: list[str] | None = None, val_labels: Path | None = None,
             shard_size_mb: float = 256, max_side: int | None = None, quality: int = 90, seed: int = 49,
-            workers: int | None = None, strict: bool = False, progress: bool = True) -> tuple[dict, str]:
-    """Run the conversion; return (manifest, summary text)."""
+            workers: int | None = None, strict: bool = False, progress: bool = True,
+            restart_interval: int | None = RESTART_INTERVAL_MCUS) -> tuple[dict, str]:
+    """Run the conversion; return (manifest, summary text). `restart_interval`: MCUs between the
+    restart markers added to full-size JPEGs (0: one MCU row); None stores them byte for byte."""
     t0 = time.perf_counter()
     if not src.is_dir():
         raise ConvertError(f"--src {src}: no such directory")
@@ -168,7 +170,8 @@ def convert(src: Path, out: Path, splits: list[str] | None = None, val_labels: P
         raise ConvertError(f"--src {src}: no class folders found")
     class_to_idx = {c: i for i, c in enumerate(classes)}
 
-    options = {"max_side": max_side, "quality": quality, "seed": seed, "shard_size_mb": shard_size_mb}
+    options = {"max_side": max_side, "quality": quality, "seed": seed, "shard_size_mb": shard_size_mb,
+               "restart_interval": restart_interval}
     shard_bytes = int(shard_size_mb * 1e6)
     planned, ignored, early_rejects = {}, {}, []
     for split in splits:
@@ -213,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JPEG quality of re-encoded images (default 90; repairs use at least 95)")
     p.add_argument("--seed", type=int, default=49, help="train shuffle seed (default 49)")
     p.add_argument("--workers", type=positive_int, default=None, help="processes (default: all cores)")
+    p.add_argument("--no-restart-index", action="store_true",
+                   help="store full-size JPEGs byte for byte, without restart markers (slower crops)")
     p.add_argument("--strict", action="store_true", help="fail on the first rejected image")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -229,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--val-labels {a.val_labels}: no such file")
     try:
         _, summary = convert(a.src, a.out, a.splits, a.val_labels, a.shard_size_mb, a.max_side, a.quality,
-                             a.seed, a.workers, a.strict, progress=not a.no_progress)
+                             a.seed, a.workers, a.strict, progress=not a.no_progress,
+                             restart_interval=None if a.no_restart_index else RESTART_INTERVAL_MCUS)
     except ConvertError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if "--strict" not in str(e) else 1

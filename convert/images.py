@@ -128,11 +128,31 @@ def _resize_to_max_side(im: Image.Image, max_side: int) -> Image.Image:
     return im.resize(size, RESIZE_FILTER, reducing_gap=None)
 
 
-def prepare_image(data: bytes, max_side: int | None = None, quality: int = 90) -> PreparedImage:
+def add_restart_index(jpeg: bytes, meta: dict, interval_mcus: int | None) -> bytes:
+    """The JPEG losslessly transcoded with a restart marker every few MCUs (kernels._jpeg
+    .add_restarts), so the loader can decode only the restart intervals a crop covers; the
+    interval goes into `meta`. Unchanged when `interval_mcus` is None, the extension is not built,
+    or the file is one it does not transcode (progressive, arithmetic-coded, multi-scan)."""
+    if interval_mcus is None or _jpeg is None or not hasattr(_jpeg, "add_restarts"):
+        return jpeg
+    try:
+        out, interval, _ = _jpeg.add_restarts(jpeg, interval_mcus)
+    except _jpeg.UnsupportedJPEG:
+        return jpeg
+    except _jpeg.CorruptJPEG as e:  # validated already: only a limit differing from validate's
+        raise RejectedImage(f"corrupt JPEG data: {e}") from None
+    meta["restart_interval"] = interval
+    return out
+
+
+def prepare_image(data: bytes, max_side: int | None = None, quality: int = 90,
+                  restart_interval: int | None = None) -> PreparedImage:
     """Return the shard JPEG and its metadata, or raise RejectedImage.
 
     RGB JPEGs within `max_side` pass through byte for byte. Anything else (CMYK, gray, PNG,
     RGBA, or a larger image when `max_side` is set) is decoded, converted and re-encoded.
+    `restart_interval` (MCUs; 0: one MCU row): full-size JPEGs, passed through or repaired, are
+    then losslessly transcoded with restart markers (`add_restart_index`); resized ones are not.
     """
     if not data:
         raise RejectedImage("empty file")
@@ -161,7 +181,8 @@ def prepare_image(data: bytes, max_side: int | None = None, quality: int = 90) -
                 # Luma-only 1/8 decode: every byte of every component is still entropy-decoded.
                 im.draft("L", (math.ceil(w / 8), math.ceil(h / 8)))
                 im.load()
-            return PreparedImage(data, {"width": w, "height": h, "source_format": fmt, **meta})
+            meta = {"width": w, "height": h, "source_format": fmt, **meta}
+            return PreparedImage(add_restart_index(data, meta, restart_interval), meta)
         if needs_resize:
             im = _resize_to_max_side(im, max_side)
         else:
@@ -181,4 +202,6 @@ def prepare_image(data: bytes, max_side: int | None = None, quality: int = 90) -
         meta["source_mode"] = im.mode
     if needs_resize:
         meta["source_width"], meta["source_height"] = w, h
+    else:
+        jpeg = add_restart_index(jpeg, meta, restart_interval)
     return PreparedImage(jpeg, meta)

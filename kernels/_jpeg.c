@@ -19,6 +19,10 @@
  * validate(data) -> (width, height, components, multi_scan)
  *     Entropy-decodes the whole file to its EOI cheaply (DCT scale 1/8, no colour
  *     conversion) under the same strict policy and limits: the converter's admission check.
+ * add_restarts(data, interval_mcus) -> (jpeg, interval, offsets)
+ * decode_region_rst(data, x, y, w, h, denom, out, fast=True, offsets=None) -> (left, top, width, rows)
+ * restart_layout(data, offsets=None) -> (mcus_per_row, mcu_rows, interval) or None
+ *     Restart-indexed JPEGs: see "restart-indexed JPEGs" below.
  * set_limits(*, max_memory=None, max_scans=None, max_multiscan_pixels=None) -> old limits
  * get_limits() -> {"max_memory": ..., "max_scans": ..., "max_multiscan_pixels": ...}
  * features() -> dict: the library actually loaded and which safe paths are in use.
@@ -551,6 +555,464 @@ static PyObject *py_validate(PyObject *self, PyObject *args) {
     return Py_BuildValue("(IIii)", iw, ih, comps, multi);
 }
 
+/* -- restart-indexed JPEGs -----------------------------------------------------------------------
+ * A baseline JPEG with a restart marker every N MCUs, where N divides the MCUs per row, is
+ * randomly addressable: DC prediction restarts at each marker, so the intervals that cover a
+ * crop form a valid JPEG of their own once given a header with the region's size and markers
+ * renumbered 0..7 in sequence. decode_region_rst decodes that small stream instead of the whole
+ * file, so entropy decoding (the dominant cost at ImageNet sizes) touches only the crop's MCUs.
+ *
+ * add_restarts(data, interval_mcus) -> (jpeg, interval, offsets)
+ *     Losslessly transcodes a single-scan Huffman 8-bit grey or YCbCr JPEG (the DCT coefficients
+ *     are copied, never requantised; Huffman tables are optimised, which usually more than pays
+ *     for the markers) with a restart marker every `interval` MCUs: the largest divisor of the
+ *     MCUs per row that is at most `interval_mcus` (0: one MCU row). APPn and COM markers are
+ *     kept (EXIF, ICC: the loader applies neither, but other readers of the shard may).
+ *     offsets: little-endian uint32, the byte offset of each interval's entropy-coded data,
+ *     then that of the EOI marker. Raises UnsupportedJPEG for progressive, arithmetic-coded,
+ *     multi-scan, 12-bit, CMYK/YCCK or RGB files (the converter passes those through),
+ *     CorruptJPEG for damaged ones.
+ * decode_region_rst(data, x, y, w, h, denom, out, fast=True, offsets=None)
+ *     decode_region's contract. Files whose restart layout does not allow splicing (none,
+ *     an interval that does not divide the MCU rows, progressive, ...) and offsets that do not
+ *     match the data take decode_region's path on the whole file: offsets are untrusted, and
+ *     every one is checked against the bytes before anything is copied.
+ * restart_layout(data, offsets=None) -> (mcus_per_row, mcu_rows, interval) or None
+ *     Whether and how decode_region_rst can splice this file (tests and diagnostics). */
+
+typedef struct {
+    size_t sof;         /* offset of the SOF marker's Y field (height, then width) */
+    size_t dri;         /* offset of the DRI segment's FF, 0 if none */
+    size_t sos;         /* offset of the SOS marker's FF */
+    size_t entropy;     /* first byte of entropy-coded data */
+    unsigned width, height, mcu_w, mcu_h, mcus_per_row, mcu_rows, interval, n_intervals;
+    size_t keep[24][2]; /* header segments to copy (offset, length), in order */
+    int n_keep;
+} rst_layout;
+
+static unsigned be16(const unsigned char *p) { return ((unsigned)p[0] << 8) | p[1]; }
+
+/* Walks the headers up to SOS. 0: a single-scan baseline/extended Huffman file with a restart
+ * interval that never crosses an MCU row; -1: anything else (including damage: the whole-file
+ * path then decides). Reads nothing outside [d, d + n). */
+static int rst_parse(const unsigned char *d, size_t n, rst_layout *L) {
+    memset(L, 0, sizeof *L);
+    if (n < 4 || d[0] != 0xFF || d[1] != 0xD8) return -1;
+    size_t p = 2;
+    int ncomp = 0, maxh = 0, maxv = 0;
+    for (;;) {
+        if (p + 4 > n || d[p] != 0xFF) return -1;
+        while (p + 4 <= n && d[p + 1] == 0xFF) p++; /* fill bytes */
+        if (p + 4 > n) return -1;
+        unsigned m = d[p + 1];
+        unsigned len = be16(d + p + 2);
+        if (len < 2 || p + 2 + len > n) return -1;
+        const unsigned char *s = d + p + 4; /* segment body, len - 2 bytes */
+        int keep = 0;
+        if (m == 0xC0 || m == 0xC1) {
+            if (L->sof || len < 8 || s[0] != 8) return -1;
+            L->sof = p + 5;
+            L->height = be16(s + 1);
+            L->width = be16(s + 3);
+            ncomp = s[5];
+            if ((ncomp != 1 && ncomp != 3) || len != 8 + 3u * ncomp || !L->height || !L->width) return -1;
+            for (int c = 0; c < ncomp; c++) {
+                int h = s[6 + 3 * c + 1] >> 4, v = s[6 + 3 * c + 1] & 15;
+                if (h < 1 || h > 4 || v < 1 || v > 4) return -1;
+                if (h > maxh) maxh = h;
+                if (v > maxv) maxv = v;
+            }
+            keep = 1;
+        } else if (m == 0xDD) {
+            if (len != 4) return -1;
+            L->dri = p;
+            L->interval = be16(s);
+            keep = 1;
+        } else if (m == 0xDA) {
+            if (!L->sof || len < 3 || s[0] != ncomp) return -1; /* one scan of every component */
+            L->sos = p;
+            L->entropy = p + 2 + len;
+            keep = 1;
+        } else if (m == 0xDB || m == 0xC4 || m == 0xE0 || m == 0xEE) {
+            keep = 1; /* tables; JFIF and Adobe, which say how to convert the colours */
+        } else if (!((m >= 0xE1 && m <= 0xEF) || m == 0xFE)) {
+            return -1; /* what libjpeg would not skip either: it decides on the whole file */
+        }
+        if (keep) {
+            if (L->n_keep == (int)(sizeof L->keep / sizeof L->keep[0])) return -1;
+            L->keep[L->n_keep][0] = p;
+            L->keep[L->n_keep][1] = 2 + len;
+            L->n_keep++;
+        }
+        p += 2 + len;
+        if (L->sos) break;
+    }
+    if (!L->dri || !L->interval) return -1;
+    /* A single-component scan is not interleaved: its MCU is one 8x8 block. */
+    L->mcu_w = ncomp == 1 ? 8 : 8 * maxh;
+    L->mcu_h = ncomp == 1 ? 8 : 8 * maxv;
+    L->mcus_per_row = (L->width + L->mcu_w - 1) / L->mcu_w;
+    L->mcu_rows = (L->height + L->mcu_h - 1) / L->mcu_h;
+    if (L->mcus_per_row % L->interval) return -1;
+    L->n_intervals = L->mcu_rows * (L->mcus_per_row / L->interval);
+    return 0;
+}
+
+/* Fills offs[0..n_intervals] (interval starts, then the EOI marker's offset) by scanning the
+ * entropy-coded data. -1 unless the markers are exactly RST0..7 in sequence, n_intervals - 1 of
+ * them, then EOI. With upto < n_intervals it stops once offs[0..upto] are known: a region decode
+ * needs no more (and, like decode_region, reads nothing after its last row). */
+static int rst_scan(const unsigned char *d, size_t n, const rst_layout *L, uint32_t *offs, unsigned upto) {
+    size_t p = L->entropy;
+    unsigned k = 0;
+    if (n > UINT32_MAX) return -1;
+    offs[k++] = (uint32_t)p;
+    for (;;) {
+        if (k > upto) return 0;
+        const unsigned char *f = memchr(d + p, 0xFF, n - p);
+        if (f == NULL) return -1;
+        p = (size_t)(f - d);
+        while (p + 1 < n && d[p + 1] == 0xFF) p++;
+        if (p + 1 >= n) return -1;
+        unsigned m = d[p + 1];
+        p += 2;
+        if (m == 0x00) continue;
+        if (m >= 0xD0 && m <= 0xD7) {
+            if (k >= L->n_intervals || m != 0xD0 + ((k - 1) & 7)) return -1;
+            offs[k++] = (uint32_t)p;
+            continue;
+        }
+        if (m != 0xD9 || k != L->n_intervals) return -1;
+        offs[k] = (uint32_t)(p - 2);
+        return 0;
+    }
+}
+
+/* Checks caller-given offsets against the bytes: the right count, in order, each interval start
+ * right after the RST marker that belongs there, the end on an EOI. Then every range copied
+ * lies in the buffer. Offsets that pass but still lie (one that skips a marker) only make
+ * libjpeg see a misplaced marker: a CorruptJPEG, never a read outside the buffer. */
+static int rst_check(const unsigned char *d, size_t n, const rst_layout *L, const uint32_t *offs, size_t count) {
+    if (count != (size_t)L->n_intervals + 1 || offs[0] != L->entropy) return -1;
+    for (size_t i = 1; i < L->n_intervals; i++) {
+        if ((uint64_t)offs[i] <= (uint64_t)offs[i - 1] + 2 || offs[i] > n || d[offs[i] - 2] != 0xFF ||
+            d[offs[i] - 1] != 0xD0 + ((i - 1) & 7))
+            return -1;
+    }
+    size_t end = offs[L->n_intervals];
+    if (end < offs[L->n_intervals - 1] || end + 2 > n || d[end] != 0xFF || d[end + 1] != 0xD9) return -1;
+    return 0;
+}
+
+/* Writes the spliced JPEG of MCU rows [r0, r1) and columns [c0, c1) (c0, c1 multiples of the
+ * interval, or c1 the row's end) into dst, or measures it (dst NULL). Returns its size. */
+static size_t rst_splice(const unsigned char *d, const rst_layout *L, const uint32_t *offs, unsigned r0,
+                         unsigned r1, unsigned c0, unsigned c1, unsigned char *dst) {
+    size_t q = 0;
+#define PUT(src, len) do { if (dst) memcpy(dst + q, (src), (len)); q += (len); } while (0)
+    static const unsigned char soi[2] = {0xFF, 0xD8};
+    PUT(soi, 2);
+    unsigned w = (c1 * L->mcu_w < L->width ? c1 * L->mcu_w : L->width) - c0 * L->mcu_w;
+    unsigned h = (r1 * L->mcu_h < L->height ? r1 * L->mcu_h : L->height) - r0 * L->mcu_h;
+    for (int i = 0; i < L->n_keep; i++) {
+        size_t at = q;
+        PUT(d + L->keep[i][0], L->keep[i][1]);
+        if (dst && L->keep[i][0] + 5 == L->sof) {
+            dst[at + 5] = (unsigned char)(h >> 8);
+            dst[at + 6] = (unsigned char)h;
+            dst[at + 7] = (unsigned char)(w >> 8);
+            dst[at + 8] = (unsigned char)w;
+        }
+    }
+    unsigned per_row = L->mcus_per_row / L->interval, k = 0;
+    for (unsigned r = r0; r < r1; r++) {
+        for (unsigned c = c0 / L->interval; c < (c1 + L->interval - 1) / L->interval; c++) {
+            size_t i = (size_t)r * per_row + c;
+            size_t a = offs[i], b = i + 1 < L->n_intervals ? offs[i + 1] - 2 : offs[i + 1];
+            if (k) {
+                unsigned char rst[2] = {0xFF, (unsigned char)(0xD0 + ((k - 1) & 7))};
+                PUT(rst, 2);
+            }
+            PUT(d + a, b - a);
+            k++;
+        }
+    }
+    static const unsigned char eoi[2] = {0xFF, 0xD9};
+    PUT(eoi, 2);
+#undef PUT
+    return q;
+}
+
+/* The layout and offsets of `data` (offsets from `given` when not NULL; else scanned, only as far
+ * as the MCU row that holds pixel row y_end - 1); 0, or -1 when the file cannot be spliced. *offs
+ * is malloc'ed. */
+static int rst_prepare(const Py_buffer *data, const Py_buffer *given, rst_layout *L, uint32_t **offs,
+                       uint64_t y_end) {
+    *offs = NULL;
+    const unsigned char *d = data->buf;
+    size_t n = (size_t)data->len;
+    if (n > UINT32_MAX || rst_parse(d, n, L) < 0) return -1; /* offsets are 32-bit */
+    if (given != NULL) {
+        if (given->len % 4) return -1;
+        size_t count = (size_t)given->len / 4;
+        if (count != (size_t)L->n_intervals + 1) return -1;
+        *offs = malloc(count * sizeof **offs);
+        if (*offs == NULL) return -1;
+        const unsigned char *g = given->buf;
+        for (size_t i = 0; i < count; i++)
+            (*offs)[i] = (uint32_t)g[4 * i] | (uint32_t)g[4 * i + 1] << 8 | (uint32_t)g[4 * i + 2] << 16 |
+                         (uint32_t)g[4 * i + 3] << 24;
+        if (rst_check(d, n, L, *offs, count) == 0) return 0;
+    } else {
+        *offs = malloc(((size_t)L->n_intervals + 1) * sizeof **offs);
+        unsigned upto = L->n_intervals;
+        if (y_end >= 1 && y_end < L->height)
+            upto = (unsigned)((y_end - 1) / L->mcu_h + 1) * (L->mcus_per_row / L->interval);
+        if (*offs != NULL && rst_scan(d, n, L, *offs, upto) == 0) return 0;
+    }
+    free(*offs);
+    *offs = NULL;
+    return -1;
+}
+
+static int get_offsets(PyObject *obj, Py_buffer *view) {
+    if (obj == NULL || obj == Py_None) return 0;
+    if (PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS) < 0) return -1;
+    return 1;
+}
+
+static PyObject *py_restart_layout(PyObject *self, PyObject *args) {
+    Py_buffer data, given;
+    PyObject *offs_obj = Py_None;
+    if (!PyArg_ParseTuple(args, "y*|O", &data, &offs_obj)) return NULL;
+    int have = get_offsets(offs_obj, &given);
+    if (have < 0) {
+        PyBuffer_Release(&data);
+        return NULL;
+    }
+    rst_layout L;
+    uint32_t *offs;
+    int ok = rst_prepare(&data, have ? &given : NULL, &L, &offs, UINT64_MAX) == 0;
+    free(offs);
+    if (have) PyBuffer_Release(&given);
+    PyBuffer_Release(&data);
+    if (!ok) Py_RETURN_NONE;
+    return Py_BuildValue("(III)", L.mcus_per_row, L.mcu_rows, L.interval);
+}
+
+static PyObject *py_decode_region_rst(PyObject *self, PyObject *args, PyObject *kwargs) {
+    static char *kw[] = {"data", "x", "y", "w", "h", "denom", "out", "fast", "offsets", NULL};
+    Py_buffer data, given;
+    PyObject *data_obj, *out_obj, *offs_obj = Py_None;
+    int x, y, w, h, denom, fast = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OiiiiiO|pO:decode_region_rst", kw, &data_obj, &x, &y, &w,
+                                     &h, &denom, &out_obj, &fast, &offs_obj))
+        return NULL;
+    if (PyObject_GetBuffer(data_obj, &data, PyBUF_SIMPLE) < 0) return NULL;
+    int have = get_offsets(offs_obj, &given);
+    if (have < 0) {
+        PyBuffer_Release(&data);
+        return NULL;
+    }
+    rst_layout L;
+    uint32_t *offs = NULL;
+    PyObject *src = NULL; /* the spliced JPEG, or NULL: the whole file */
+    unsigned px0 = 0, py0 = 0;
+    int usable = x >= 0 && y >= 0 && w > 0 && h > 0 && (denom == 1 || denom == 2 || denom == 4 || denom == 8) &&
+                 rst_prepare(&data, have ? &given : NULL, &L, &offs, (uint64_t)y + (uint64_t)h) == 0 &&
+                 (unsigned)x < L.width && (unsigned)y < L.height;
+    if (usable) {
+        int64_t sx1 = (int64_t)x + w, sy1 = (int64_t)y + h;
+        if (sx1 > L.width) sx1 = L.width;
+        if (sy1 > L.height) sy1 = L.height;
+        unsigned c0 = (unsigned)x / L.mcu_w / L.interval * L.interval;
+        unsigned c1 = (unsigned)((sx1 + L.mcu_w - 1) / L.mcu_w);
+        c1 = (c1 + L.interval - 1) / L.interval * L.interval;
+        if (c1 > L.mcus_per_row) c1 = L.mcus_per_row;
+        unsigned r0 = (unsigned)y / L.mcu_h, r1 = (unsigned)((sy1 + L.mcu_h - 1) / L.mcu_h);
+        size_t size = rst_splice(data.buf, &L, offs, r0, r1, c0, c1, NULL);
+        src = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)size);
+        if (src == NULL) {
+            free(offs);
+            if (have) PyBuffer_Release(&given);
+            PyBuffer_Release(&data);
+            return NULL;
+        }
+        rst_splice(data.buf, &L, offs, r0, r1, c0, c1, (unsigned char *)PyBytes_AsString(src));
+        px0 = c0 * L.mcu_w;
+        py0 = r0 * L.mcu_h;
+    }
+    free(offs);
+    if (have) PyBuffer_Release(&given);
+    PyBuffer_Release(&data);
+    PyObject *call;
+    if (src != NULL) {
+        call = Py_BuildValue("(NiiiiiOi)", src, x - (int)px0, y - (int)py0, w, h, denom, out_obj, fast);
+    } else {
+        call = Py_BuildValue("(OiiiiiOi)", data_obj, x, y, w, h, denom, out_obj, fast);
+    }
+    if (call == NULL) return NULL;
+    PyObject *res = py_decode_region(self, call);
+    Py_DECREF(call);
+    if (res == NULL || src == NULL) return res;
+    unsigned left, top, width, rows;
+    int ok = PyArg_ParseTuple(res, "IIII", &left, &top, &width, &rows);
+    Py_DECREF(res);
+    if (!ok) return NULL;
+    /* px0, py0 are multiples of 8, so exact at every DCT scale. */
+    return Py_BuildValue("(IIII)", left + px0 / denom, top + py0 / denom, width, rows);
+}
+
+/* -- add_restarts -------------------------------------------------------------------------------- */
+/* A growable memory destination whose buffer this module owns, so an error exit (a longjmp out of
+ * libjpeg) can free it; jpeg_mem_dest's buffer is only reachable through libjpeg's private state
+ * until it finishes. */
+typedef struct {
+    struct jpeg_destination_mgr pub;
+    unsigned char *buf;
+    size_t cap, len;
+} grow_dest;
+
+static void grow_init(j_compress_ptr cinfo) {
+    grow_dest *d = (grow_dest *)cinfo->dest;
+    d->pub.next_output_byte = d->buf;
+    d->pub.free_in_buffer = d->cap;
+}
+
+static boolean grow_empty(j_compress_ptr cinfo) {
+    grow_dest *d = (grow_dest *)cinfo->dest;
+    unsigned char *bigger = d->cap <= SIZE_MAX / 2 ? realloc(d->buf, d->cap * 2) : NULL;
+    if (bigger == NULL) ERREXIT1(cinfo, JERR_OUT_OF_MEMORY, 4); /* case 4: a failed malloc */
+    d->buf = bigger;
+    d->pub.next_output_byte = bigger + d->cap;
+    d->pub.free_in_buffer = d->cap;
+    d->cap *= 2;
+    return TRUE;
+}
+
+static void grow_term(j_compress_ptr cinfo) {
+    grow_dest *d = (grow_dest *)cinfo->dest;
+    d->len = d->cap - d->pub.free_in_buffer;
+}
+
+static PyObject *py_add_restarts(PyObject *self, PyObject *args) {
+    Py_buffer data;
+    int target;
+    if (!PyArg_ParseTuple(args, "y*i", &data, &target)) return NULL;
+    if (target < 0) {
+        PyBuffer_Release(&data);
+        PyErr_SetString(PyExc_ValueError, "add_restarts: interval_mcus must be >= 0");
+        return NULL;
+    }
+    limits_t lim = limits;
+    struct jpeg_decompress_struct src;
+    struct jpeg_compress_struct dst;
+    context ctx;
+    prepare(&src, &ctx, &lim);
+    memset(&dst, 0, sizeof dst);
+    grow_dest dest; /* its address is libjpeg's: in memory, valid after a longjmp */
+    memset(&dest, 0, sizeof dest);
+    dest.pub.init_destination = grow_init;
+    dest.pub.empty_output_buffer = grow_empty;
+    dest.pub.term_destination = grow_term;
+    dest.cap = (size_t)data.len + (size_t)data.len / 8 + 4096; /* markers and all: rarely grows */
+    dest.buf = malloc(dest.cap);
+    if (dest.buf == NULL) {
+        PyBuffer_Release(&data);
+        return PyErr_NoMemory();
+    }
+    volatile unsigned interval = 0;
+    volatile int failed = 0, dst_made = 0;
+    Py_BEGIN_ALLOW_THREADS
+    if (setjmp(ctx.jump)) {
+        failed = 1;
+    } else {
+        ctx.corrupt = "bad JPEG header";
+        create(&src, &ctx, &data);
+        for (int m = 0; m < 16; m++) jpeg_save_markers(&src, JPEG_APP0 + m, 0xFFFF);
+        jpeg_save_markers(&src, JPEG_COM, 0xFFFF);
+        jpeg_read_header(&src, TRUE);
+        ctx.corrupt = "corrupt JPEG data";
+        /* The whole image's coefficients are held: the multi-scan pixel cap applies. */
+        if ((unsigned long long)src.image_width * src.image_height > (unsigned long long)lim.max_multiscan_pixels)
+            fail((j_common_ptr)&src, FAIL_CORRUPT, "decompression bomb: %u x %u pixels (the limit is %lld pixels; "
+                 "kernels._jpeg.set_limits)", (unsigned)src.image_width, (unsigned)src.image_height,
+                 lim.max_multiscan_pixels);
+        if (src.progressive_mode || src.arith_code || jpeg_has_multiple_scans(&src) || src.data_precision != 8 ||
+            !((src.num_components == 3 && src.jpeg_color_space == JCS_YCbCr) ||
+              (src.num_components == 1 && src.jpeg_color_space == JCS_GRAYSCALE)))
+            fail((j_common_ptr)&src, FAIL_UNSUPPORTED, "unsupported JPEG: restart markers are only added to "
+                 "single-scan Huffman 8-bit grey or YCbCr files");
+        /* Sampling ratios libjpeg cannot upsample (3:2, say) still transcode, but the RGB decode
+         * of the result fails as the source's does; leave such files as they are. */
+        for (int ci = 0; ci < src.num_components; ci++)
+            if (src.max_h_samp_factor % src.comp_info[ci].h_samp_factor ||
+                src.max_v_samp_factor % src.comp_info[ci].v_samp_factor)
+                fail((j_common_ptr)&src, FAIL_UNSUPPORTED, "unsupported JPEG: fractional sampling");
+        jvirt_barray_ptr *coefs = jpeg_read_coefficients(&src);
+        dst.err = src.err;
+        jpeg_create_compress(&dst);
+        dst_made = 1;
+        dst.mem->max_memory_to_use = (long)ctx.max_memory;
+        dst.dest = &dest.pub;
+        jpeg_copy_critical_parameters(&src, &dst);
+        int mcu_w = src.num_components == 1 ? 8 : 8 * src.max_h_samp_factor;
+        unsigned mpr = (src.image_width + mcu_w - 1) / mcu_w;
+        unsigned n = target == 0 || (unsigned)target >= mpr ? mpr : (unsigned)target;
+        while (mpr % n) n--;
+        if (n > 65535) n = 1; /* DRI is 16 bits; a 1-MCU interval divides every row */
+        interval = n;
+        dst.restart_interval = n;
+        dst.optimize_coding = TRUE;
+        jpeg_write_coefficients(&dst, coefs);
+        for (jpeg_saved_marker_ptr m = src.marker_list; m != NULL; m = m->next) {
+            /* As jpegtran: the JFIF and Adobe markers libjpeg writes itself are not copied. */
+            if (dst.write_JFIF_header && m->marker == JPEG_APP0 && m->data_length >= 5 &&
+                memcmp(m->data, "JFIF", 5) == 0)
+                continue;
+            if (dst.write_Adobe_marker && m->marker == JPEG_APP0 + 14 && m->data_length >= 5 &&
+                memcmp(m->data, "Adobe", 5) == 0)
+                continue;
+            jpeg_write_marker(&dst, m->marker, m->data, m->data_length);
+        }
+        jpeg_finish_compress(&dst);
+        jpeg_finish_decompress(&src);
+    }
+    if (dst_made) jpeg_destroy_compress(&dst);
+    jpeg_destroy_decompress(&src);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&data);
+    unsigned char *out = dest.buf;
+    size_t out_len = dest.len;
+    if (failed) {
+        free(out);
+        return raise_failure(&ctx);
+    }
+    rst_layout L;
+    uint32_t *offs = NULL;
+    Py_buffer view;
+    PyObject *res = NULL;
+    if (PyBuffer_FillInfo(&view, NULL, out, (Py_ssize_t)out_len, 1, PyBUF_SIMPLE) == 0 &&
+        rst_prepare(&view, NULL, &L, &offs, UINT64_MAX) == 0) {
+        PyObject *table = PyBytes_FromStringAndSize(NULL, ((Py_ssize_t)L.n_intervals + 1) * 4);
+        if (table != NULL) {
+            unsigned char *t = (unsigned char *)PyBytes_AsString(table);
+            for (size_t i = 0; i <= L.n_intervals; i++) {
+                t[4 * i] = (unsigned char)offs[i];
+                t[4 * i + 1] = (unsigned char)(offs[i] >> 8);
+                t[4 * i + 2] = (unsigned char)(offs[i] >> 16);
+                t[4 * i + 3] = (unsigned char)(offs[i] >> 24);
+            }
+            res = Py_BuildValue("(y#IN)", (const char *)out, (Py_ssize_t)out_len, interval, table);
+        }
+    } else if (!PyErr_Occurred()) {
+        PyErr_SetString(PyExc_RuntimeError, "add_restarts: the transcoded file has no usable restart layout");
+    }
+    free(offs);
+    free(out);
+    return res;
+}
+
 /* -- limits and features ------------------------------------------------------------------------ */
 static PyObject *limits_dict(const limits_t *l) {
     return Py_BuildValue("{s:L,s:L,s:L}", "max_memory", l->max_memory, "max_scans", l->max_scans,
@@ -778,6 +1240,21 @@ static PyMethodDef methods[] = {
      "width * 3 bytes; the returned box (scaled pixels) contains the requested one. Raises\n"
      "CorruptJPEG, UnsupportedJPEG (fall back to another decoder), ValueError (bad arguments,\n"
      "box outside the image, out too small, read-only or not C-contiguous) or MemoryError."},
+    {"decode_region_rst", (PyCFunction)(void (*)(void))py_decode_region_rst, METH_VARARGS | METH_KEYWORDS,
+     "decode_region_rst(data, x, y, w, h, denom, out, fast=True, offsets=None) -> (left, top, width, rows)\n\n"
+     "decode_region's contract; a file with restart markers every N MCUs (N dividing the MCUs per\n"
+     "row) is decoded from only the intervals that cover the box. offsets (add_restarts' table)\n"
+     "are checked against the data; without them the markers are found by a scan. Any other\n"
+     "file, or offsets that do not match, take decode_region's whole-file path."},
+    {"add_restarts", py_add_restarts, METH_VARARGS,
+     "add_restarts(data, interval_mcus) -> (jpeg, interval, offsets)\n\n"
+     "Losslessly transcode a single-scan Huffman grey/YCbCr JPEG with a restart marker every\n"
+     "`interval` MCUs (the largest divisor of the MCUs per row <= interval_mcus; 0: one row).\n"
+     "offsets: uint32 LE start of each interval's data, then the EOI's offset. Raises\n"
+     "UnsupportedJPEG (progressive, arithmetic, multi-scan, 12-bit, CMYK...), CorruptJPEG."},
+    {"restart_layout", py_restart_layout, METH_VARARGS,
+     "restart_layout(data, offsets=None) -> (mcus_per_row, mcu_rows, interval) or None\n\n"
+     "Whether decode_region_rst can splice this file (with these offsets)."},
     {"header", py_header, METH_VARARGS,
      "header(data) -> (width, height, components, multi_scan)\n\n"
      "From the headers only. multi_scan: several scans (progressive, or one per component),\n"

@@ -2,7 +2,8 @@
 
 This is the CPU backend's whole per-sample cost, so it avoids decoding pixels that the crop
 throws away: the box is drawn from the JPEG header before decoding, only the box's rows and
-(iMCU-aligned) columns are decoded (`kernels/_jpeg.c`), at the largest DCT scale that still
+(iMCU-aligned) columns are decoded (`kernels/_jpeg.c`; from a shard JPEG with restart markers, only the
+restart intervals that cover them), at the largest DCT scale that still
 covers the output when DCT scaling is on (train, by default), and the resize writes straight
 into the shared batch buffer. PNGs (CIFAR), and JPEGs the fast path cannot turn into RGB (CMYK,
 YCCK), go through Pillow.
@@ -25,6 +26,11 @@ from .augment import Transform, uniforms
 from .samples import CorruptJPEG, CorruptSample, SampleReader, UnsupportedJPEG, _jpeg, is_jpeg, pil_errors
 
 log = logging.getLogger(__name__)
+
+# Shard JPEGs with restart markers (the converter's default) are decoded from only the restart
+# intervals that cover the box; any other JPEG takes the whole-file region decode inside it.
+# False: always the whole-file decode (benchmarks and tests compare the two).
+use_restart_index = True
 
 _REPLACE_STREAM = 1
 _MAX_REPLACEMENT_TRIES = 16
@@ -153,7 +159,9 @@ class BatchDecoder:
         if self._scratch.size < need:
             self._scratch = np.empty(int(need * 1.25), np.uint8)
         try:
-            left, top, rw, rows = _jpeg.decode_region(data, ix, iy, iw, ih, d, self._scratch, self.fast_dct)
+            decode = _jpeg.decode_region_rst if use_restart_index and hasattr(_jpeg, "decode_region_rst") \
+                else _jpeg.decode_region
+            left, top, rw, rows = decode(data, ix, iy, iw, ih, d, self._scratch, self.fast_dct)
         except CorruptJPEG as e:
             raise CorruptSample(str(e)) from None
         region = self._scratch[:rw * rows * 3].reshape(rows, rw, 3)

@@ -309,6 +309,7 @@ def test_bugs_in_the_decoder_raise_instead_of_being_counted_as_corrupt(colour_sh
         raise ValueError("decode_region: output buffer too small")
 
     monkeypatch.setattr(decode._jpeg, "decode_region", too_small)
+    monkeypatch.setattr(decode._jpeg, "decode_region_rst", too_small, raising=False)
     loader = create_loader(colour_shards, batch_size=6, image_size=16, device="cpu", workers=1, worker_mode="thread")
     with pytest.raises(WorkerError, match="output buffer too small"):
         collect(loader)

@@ -1,4 +1,5 @@
-"""Fuzz target for kernels._jpeg: header, decode_region and validate on hostile bytes.
+"""Fuzz target for kernels._jpeg: header, decode_region, validate, add_restarts and
+decode_region_rst on hostile bytes.
 
 An input is 8 parameter bytes (box, DCT scale, fast flag, output buffer size) followed by the
 JPEG. `check_one` runs all three calls and checks the module's contract:
@@ -11,6 +12,12 @@ JPEG. `check_one` runs all three calls and checks the module's contract:
   * the limits hold: a multi-scan file over max_multiscan_pixels is refused as a bomb, and the
     process's peak RSS grows less than RSS_GROWTH_KB;
   * validate agrees with the others: what it accepts has the header's dimensions, and decodes.
+
+Splice inputs (decode_region_rst, the restart-interval splice): 8 parameter bytes, SPLICE_TAG,
+a 2-byte little-endian length, that many bytes of restart offsets (add_restarts' table, mutated
+like everything else: an untrusted index), then the JPEG. `check_one` runs decode_region_rst
+with and without the table under the same contract as decode_region, then the checks above on
+the JPEG; and what validate accepts must not be called corrupt by the splice either.
 
 Seed corpus (generated, nothing committed):
     python tests/fuzz/fuzz_jpeg.py --make-corpus CORPUS
@@ -80,6 +87,9 @@ def peak_rss_kb() -> int:
 _rss_ceiling_kb = peak_rss_kb() + RSS_GROWTH_KB
 
 
+SPLICE_TAG = b"RSTX"
+
+
 class InvariantError(AssertionError):
     """The module broke its contract on this input."""
 
@@ -100,12 +110,105 @@ def _params(p: bytes, width: int, height: int):
     return x, y, w, h, denom, bool(flags & 1), bool(flags & 4), slack
 
 
+def _check_region(name: str, result, buf: np.ndarray, n: int, x: int, y: int, w: int, h: int, denom: int,
+                  W: int, H: int) -> None:
+    """The box and buffer invariants of a successful decode_region or decode_region_rst."""
+    left, top, width, got_rows = result
+    full_width = _ceil_div(W, denom)
+    x1, y1 = _ceil_div(min(x + w, W), denom), _ceil_div(min(y + h, H), denom)
+    if not (left <= x // denom and left + width >= x1 and left + width <= full_width):
+        raise InvariantError(f"{name}: columns [{left}, {left + width}) do not contain [{x // denom}, {x1})")
+    if not (top == y // denom and top + got_rows == y1):
+        raise InvariantError(f"{name}: rows [{top}, {top + got_rows}) are not [{y // denom}, {y1})")
+    end = width * got_rows * 3
+    if end > n:
+        raise InvariantError(f"{name}: region of {end} bytes returned in a {n}-byte buffer")
+    if end < n and not (buf[end:] == FILL).all():
+        raise InvariantError(f"{name}: bytes written past the returned region ({end} of {n})")
+
+
+def check_transcode(data: bytes, interval: int, header) -> str:
+    """add_restarts on hostile bytes: only the data's exceptions; what it writes is a valid JPEG of
+    the same size whose restart layout decode_region_rst can splice."""
+    try:
+        out, n, table = _jpeg.add_restarts(data, interval)
+    except (_jpeg.CorruptJPEG, _jpeg.UnsupportedJPEG):
+        return ""
+    if header is None:
+        raise InvariantError("add_restarts succeeded on a file whose header fails")
+    try:
+        v = _jpeg.validate(out)
+    except (_jpeg.CorruptJPEG, _jpeg.UnsupportedJPEG) as e:
+        raise InvariantError(f"add_restarts wrote a JPEG validate refuses: {e}") from None
+    layout = _jpeg.restart_layout(out, table)
+    if tuple(v[:2]) != tuple(header[:2]) or layout is None or layout[2] != n or layout != _jpeg.restart_layout(out):
+        raise InvariantError(f"add_restarts wrote {v} with layout {layout}, interval {n}, from {header}")
+    return "+transcoded"
+
+
+def check_splice(p: bytes, table: bytes, data: bytes) -> str:
+    """decode_region_rst on hostile data and a hostile offset table, with and without the table."""
+    try:
+        header = _jpeg.header(data)
+    except (_jpeg.CorruptJPEG, _jpeg.UnsupportedJPEG):
+        header = None
+    W, H = (header[0], header[1]) if header else (64, 64)
+    x, y, w, h, denom, fast, tight, slack = _params(p, W, H)
+    rows = max(_ceil_div(min(y + h, H), denom) - y // denom, 1)
+    full_width = _ceil_div(W, denom)
+    n = max(1, min(full_width * rows * 3 + slack % 4096 if not tight else
+                   (_ceil_div(min(x + w, W), denom) - x // denom + slack % 64) * rows * 3, MAX_OUT))
+    # The table is only checked where it points (a stray marker inside an interval passes it; the
+    # scan refuses such a file), so the two may disagree on damaged data; neither may crash.
+    outcome = "splice" if _jpeg.restart_layout(data, table) is not None else "splice-none"
+    if _jpeg.restart_layout(data) is not None:
+        outcome += "+scan"
+    corrupt = False
+    for offsets in (table, None):
+        buf = np.full(n, FILL, np.uint8)
+        try:
+            r = _jpeg.decode_region_rst(data, x, y, w, h, denom, buf, fast, offsets=offsets)
+        except _jpeg.CorruptJPEG:
+            corrupt = True
+        except _jpeg.UnsupportedJPEG:
+            pass
+        except ValueError as e:
+            msg = str(e)
+            if "outside" in msg:
+                if x < W and y < H and header is not None:
+                    raise InvariantError(f"splice: box ({x}, {y}) inside a {W}x{H} image called outside") from None
+            elif "too small" in msg:
+                if n >= full_width * rows * 3:
+                    raise InvariantError(f"splice: a {n}-byte buffer called too small for {rows} rows") from None
+            else:
+                raise InvariantError(f"splice: unexpected ValueError: {msg}") from None
+        else:
+            if header is None:
+                raise InvariantError("decode_region_rst succeeded on a file whose header fails")
+            _check_region("splice", r, buf, n, x, y, w, h, denom, W, H)
+            outcome += "-decoded"
+    if corrupt:
+        try:
+            _jpeg.validate(data)
+        except (_jpeg.CorruptJPEG, _jpeg.UnsupportedJPEG):
+            pass
+        else:
+            raise InvariantError("validate accepted a file decode_region_rst calls corrupt")
+    return outcome
+
+
 def check_one(blob: bytes) -> str:
     """Run the module on one input and check its contract; returns the outcome (for stats).
     Raises InvariantError on a violation (a crash ends the process instead)."""
     if len(blob) < PARAMS:
         return "short"
     p, data = blob[:PARAMS], blob[PARAMS:]
+    splice = ""
+    if data.startswith(SPLICE_TAG) and len(data) >= len(SPLICE_TAG) + 2:
+        k = len(SPLICE_TAG)
+        t = struct.unpack("<H", data[k:k + 2])[0]
+        table, data = data[k + 2:k + 2 + t], data[k + 2 + t:]
+        splice = check_splice(p, table, data) + ":"
     header = None
     try:
         header = _jpeg.header(data)
@@ -151,16 +254,7 @@ def check_one(blob: bytes) -> str:
             raise InvariantError("decode_region succeeded on a file whose header fails")
         if bomb:
             raise InvariantError(f"a multi-scan {W}x{H} file over the limit was decoded")
-        x1, y1 = _ceil_div(min(x + w, W), denom), _ceil_div(min(y + h, H), denom)
-        if not (left <= x // denom and left + width >= x1 and left + width <= full_width):
-            raise InvariantError(f"columns [{left}, {left + width}) do not contain [{x // denom}, {x1})")
-        if not (top == y // denom and top + got_rows == y1):
-            raise InvariantError(f"rows [{top}, {top + got_rows}) are not [{y // denom}, {y1})")
-        end = width * got_rows * 3
-        if end > n:
-            raise InvariantError(f"region of {end} bytes returned in a {n}-byte buffer")
-        if end < n and not (buf[end:] == FILL).all():
-            raise InvariantError(f"bytes written past the returned region ({end} of {n})")
+        _check_region("decode_region", (left, top, width, got_rows), buf, n, x, y, w, h, denom, W, H)
     try:
         v = _jpeg.validate(data)
     except (_jpeg.CorruptJPEG, _jpeg.UnsupportedJPEG) as e:
@@ -176,10 +270,11 @@ def check_one(blob: bytes) -> str:
             # a file validate accepts must decode.
             raise InvariantError("validate accepted a file decode_region calls corrupt")
         outcome += "+valid"
+    outcome += check_transcode(data, p[5] % 9, header)
     rss = peak_rss_kb()
     if rss > _rss_ceiling_kb:
         raise InvariantError(f"peak RSS {rss >> 10} MB exceeds {_rss_ceiling_kb >> 10} MB")
-    return outcome
+    return splice + outcome
 
 
 # -- seeds ----------------------------------------------------------------------------------
@@ -219,7 +314,20 @@ def seed_inputs() -> dict[str, bytes]:
     for name, data in jpegs.items():
         p = bytes(rng.integers(0, 256, PARAMS, dtype=np.uint8))
         out[name] = p + data
+    # Restart-indexed files and their offset tables (the splice target), interval 1 MCU to 1 row.
+    for i, name in enumerate(sorted(n for n in jpegs if n.startswith(("pil_", "grey_")) and "prog" not in n)):
+        try:
+            rst, _, table = _jpeg.add_restarts(jpegs[name], (0, 1, 2, 4)[i % 4])
+        except (_jpeg.CorruptJPEG, _jpeg.UnsupportedJPEG):
+            continue
+        p = bytes(rng.integers(0, 256, PARAMS, dtype=np.uint8))
+        out[f"splice_{name}"] = p + splice_input(table, rst)
     return out
+
+
+def splice_input(table: bytes, jpeg: bytes) -> bytes:
+    """The splice target's input after the parameter bytes."""
+    return SPLICE_TAG + struct.pack("<H", len(table)) + table + jpeg
 
 
 def make_corpus(directory: Path) -> list[Path]:
@@ -242,9 +350,20 @@ def mutate(blob: bytes, rnd: random.Random, corpus: list[bytes]) -> bytes:
     for _ in range(rnd.randint(1, 4)):
         if len(b) <= PARAMS + 2:
             break
-        op = rnd.randrange(9)
+        op = rnd.randrange(10)
         i = rnd.randrange(len(b))
-        if op == 0:  # bit flip
+        if op == 9 and b[PARAMS:PARAMS + len(SPLICE_TAG)] == SPLICE_TAG and len(b) >= PARAMS + len(SPLICE_TAG) + 2:
+            # an offset of the table
+            k = PARAMS + len(SPLICE_TAG)
+            t = struct.unpack("<H", bytes(b[k:k + 2]))[0] // 4
+            t = min(t, (len(b) - k - 2) // 4)
+            if t > 0:
+                j = k + 2 + 4 * rnd.randrange(t)
+                v = struct.unpack("<I", bytes(b[j:j + 4]))[0]
+                v = rnd.choice((v + 1, v - 1, v + 2, v - 2, 0, 0xFFFFFFFF, v + rnd.randrange(1, 4096),
+                                rnd.randrange(1 << 32))) & 0xFFFFFFFF
+                b[j:j + 4] = struct.pack("<I", v)
+        elif op == 0:  # bit flip
             b[i] ^= 1 << rnd.randrange(8)
         elif op == 1:
             b[i] = rnd.choice(_INTERESTING)
