@@ -59,7 +59,7 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=7", "matplotlib>=3.7", "atheris>=2.3; sys_platform == 'linux'"],
+        "test": ["pytest>=7", "matplotlib>=3.7", "scikit-image>=0.19", "atheris>=2.3; sys_platform == 'linux'"],
         "bench": ["matplotlib>=3.7", "scikit-image>=0.19"],  # photos for benchmarks.photos
         "dali": ["nvidia-dali-cuda130"],
         "npu": ["torch_npu"],

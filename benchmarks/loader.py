@@ -1,6 +1,7 @@
 """Train-loader throughput, side by side in one run: the pytorch/examples reference
-(ImageFolder + DataLoader), plain webdataset, our CPU backend (1 and 2 workers, full-size and
---max-side 256 shards), our synthetic backend, and the decode ceilings.
+(ImageFolder + DataLoader), plain webdataset, our CPU backend (1 and 2 workers; full-size shards
+with and without the restart index, and --max-side 256 shards), our synthetic backend, and the
+decode ceilings.
 
     python -m benchmarks.loader [--classes 20 --per-class 100 --batch-size 64 --repeats 3]
     python -m benchmarks.loader --src IMAGEFOLDER          # your data: converted once, cached
@@ -138,9 +139,15 @@ def _fingerprint(src: Path) -> str:
     return h.hexdigest()[:12]
 
 
-def resolve_data(a, content: str, labels=(("full", None), ("max256", 256))) -> tuple[Path | None, dict[str, Path]]:
+# (label, --max-side): full-size shards with the converter's default restart index, the same
+# stored byte for byte (--no-restart-index), and resized ones.
+SHARD_KINDS = (("full", None), ("full-noindex", None), ("max256", 256))
+
+
+def resolve_data(a, content: str, labels=SHARD_KINDS) -> tuple[Path | None, dict[str, Path]]:
     """The ImageFolder (None with --shards alone) and the shard folders to measure, by label."""
     from convert.imagenet_to_shards import convert
+    from pipeline.shard_format import RESTART_INTERVAL_MCUS
 
     if a.shards is not None:
         return a.src, {"given": a.shards}
@@ -153,7 +160,9 @@ def resolve_data(a, content: str, labels=(("full", None), ("max256", 256))) -> t
     for label, max_side in labels:
         out = cache / f"{stem}_shards_{label}"
         if not (out / "manifest.json").exists():
-            convert(src, out, splits=["train"], shard_size_mb=8, max_side=max_side, progress=False)
+            restarts = None if label.endswith("noindex") else RESTART_INTERVAL_MCUS
+            convert(src, out, splits=["train"], shard_size_mb=8, max_side=max_side, progress=False,
+                    restart_interval=restarts)
         shards[label] = out
     return src, shards
 
@@ -235,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         for w in a.workers:
             for mode in ("process", "thread"):
                 for normalize in (False, True):
-                    if normalize and (mode == "thread" or label == "max256"):
+                    if (normalize and (mode == "thread" or label != "full")) or \
+                            (mode == "thread" and label == "full-noindex"):
                         continue
                     ld = create_loader(shards[label], batch_size=bs, image_size=224, device="cpu", workers=w,
                                        worker_mode=mode, normalize=normalize, dtype=torch.float32)
