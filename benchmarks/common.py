@@ -53,6 +53,16 @@ def timed(fn: Callable[[], int], repeats: int = 3, warmup: int = 1) -> dict:
             "seconds": statistics.median(seconds), "items": n, "repeats": repeats}
 
 
+def epoch_rate(make_iter, repeats: int) -> dict:
+    """Median images/s over full passes of an iterable of (images, labels) batches."""
+    def once():
+        n = 0
+        for _, y in make_iter():
+            n += len(y)
+        return n
+    return timed(once, repeats=repeats, warmup=1)
+
+
 def machine() -> dict:
     info = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
     try:

@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     from convert.imagenet_to_shards import convert
+    from pipeline.shard_format import RESTART_INTERVAL_MCUS
 
     src = a.src if a.src is not None else imagenet_like(a.classes, a.per_class)
     files = _sources(src)
@@ -98,17 +99,21 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"name": "reference: webdataset TarWriter + full decode, 1 process", "img_s": r["median"],
                      "mb_s": mb_in / r["seconds"]})
         ref_rate = r["median"]
-        for label, max_side in (("passthrough", None), ("--max-side 500", 500), ("--max-side 256", 256)):
+        runs = (("full size, restart index (default)", None, RESTART_INTERVAL_MCUS),
+                ("full size, --no-restart-index (passthrough)", None, None),
+                ("--max-side 500", 500, RESTART_INTERVAL_MCUS), ("--max-side 256", 256, RESTART_INTERVAL_MCUS))
+        for label, max_side, restarts in runs:
             for workers in (1, 2):
                 def ours():
                     shutil.rmtree(tmp / "ours", ignore_errors=True)
                     m, _ = convert(src, tmp / "ours", splits=["train"], shard_size_mb=shard_mb, max_side=max_side,
-                                   workers=workers, progress=False)
+                                   workers=workers, progress=False, restart_interval=restarts)
                     return m["splits"]["train"]["samples"]
                 r = timed(ours, a.repeats)
                 rows.append({"name": f"ours: {label}, {workers} worker(s)", "img_s": r["median"],
                              "mb_s": mb_in / r["seconds"], "vs_ref": r["median"] / ref_rate,
-                             "vs_ceiling": r["median"] / (scaled * workers) if max_side is None else None})
+                             "vs_ceiling": r["median"] / (scaled * workers) if max_side is None and restarts is None
+                             else None})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -27,20 +27,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import DEFAULT_CACHE, imagenet_like, table, timed, write_json
+from .common import DEFAULT_CACHE, epoch_rate, imagenet_like, table, timed, write_json
 
 QUALITY = 90
 FFCV_FORMATS = (("jpg", 512), ("jpg", 256), ("raw", 256))
-
-
-def epoch_rate(make_iter, repeats: int) -> dict:
-    """Median images/s over full passes of an iterable of (images, labels) batches."""
-    def once():
-        n = 0
-        for _, y in make_iter():
-            n += len(y)
-        return n
-    return timed(once, repeats=repeats, warmup=1)
 
 
 def reference_rate(src: Path, workers: int, batch: int, repeats: int) -> float:
@@ -54,7 +44,7 @@ def reference_rate(src: Path, workers: int, batch: int, repeats: int) -> float:
     dl = torch.utils.data.DataLoader(datasets.ImageFolder(str(src / "train"), tf), batch_size=batch, shuffle=True,
                                      num_workers=workers, persistent_workers=True, drop_last=True)
     rate = epoch_rate(lambda: dl, repeats)["median"]
-    del dl
+    dl = None  # its persistent workers stop here
     return rate
 
 
@@ -88,7 +78,7 @@ def child(job: dict) -> dict:
                                       ToTensor()],
                             "label": [IntDecoder(), ToTensor()]})
         out["loaders"][f"{mode}_{res}"] = epoch_rate(lambda: loader, repeats)["median"]
-        del loader
+        loader = None  # its workers stop here
     out["reference_after"] = reference_rate(src, workers, batch, repeats)
     return out
 

@@ -30,17 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .common import CONTENTS, DEFAULT_CACHE, imagenet_like, table, timed, write_json
-
-
-def epoch_rate(make_iter, repeats: int) -> dict:
-    """Median images/s over full passes of an iterable of (images, labels) batches."""
-    def once():
-        n = 0
-        for _, y in make_iter():
-            n += len(y)
-        return n
-    return timed(once, repeats=repeats, warmup=1)
+from .common import CONTENTS, DEFAULT_CACHE, epoch_rate, imagenet_like, table, timed, write_json
 
 
 def reference_transform():
