@@ -102,11 +102,26 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def _encode(im: Image.Image, quality: int) -> bytes:
+def _encode(im: Image.Image, quality: int, restart_interval: int | None = None) -> bytes:
+    """Baseline 4:2:0 JPEG; with `restart_interval` (MCUs, 0: one MCU row) the encoder writes the
+    restart markers itself (the interval chosen as `add_restarts` chooses it), at no extra cost."""
     buf = io.BytesIO()
+    extra = {}
+    if restart_interval is not None:
+        extra["restart_marker_blocks"] = restart_blocks(im.width, restart_interval)
     # 4:2:0 is what ImageNet's own files and every GPU decoder's fast path use.
-    im.save(buf, format="JPEG", quality=quality, subsampling="4:2:0")
+    im.save(buf, format="JPEG", quality=quality, subsampling="4:2:0", **extra)
     return buf.getvalue()
+
+
+def restart_blocks(width: int, target: int) -> int:
+    """MCUs between restart markers for a 4:2:0 image `width` px wide: the largest divisor of its
+    MCUs per row that is at most `target` (0: the whole row), so no interval crosses a row and the
+    loader can splice any column range."""
+    per_row = -(-width // 16)
+    if target <= 0 or target >= per_row:
+        return per_row
+    return max(d for d in range(1, target + 1) if per_row % d == 0)
 
 
 # The antialiased downscale filter. Hamming (a windowed sinc with half Lanczos-3's support)
@@ -152,7 +167,8 @@ def prepare_image(data: bytes, max_side: int | None = None, quality: int = 90,
     RGB JPEGs within `max_side` pass through byte for byte. Anything else (CMYK, gray, PNG,
     RGBA, or a larger image when `max_side` is set) is decoded, converted and re-encoded.
     `restart_interval` (MCUs; 0: one MCU row): full-size JPEGs, passed through or repaired, are
-    then losslessly transcoded with restart markers (`add_restart_index`); resized ones are not.
+    then losslessly transcoded with restart markers (`add_restart_index`); resized ones get the
+    markers from the encoder.
     """
     if not data:
         raise RejectedImage("empty file")
@@ -195,13 +211,17 @@ def prepare_image(data: bytes, max_side: int | None = None, quality: int = 90,
 
     repaired = fmt != "JPEG" or im.mode != "RGB"
     q = max(quality, REPAIR_MIN_QUALITY) if repaired and not needs_resize else quality
-    jpeg = _encode(rgb, q)
+    jpeg = _encode(rgb, q, restart_interval if needs_resize else None)
     meta = {"width": rgb.width, "height": rgb.height, "source_format": fmt,
             "progressive": False, "subsampling": "4:2:0", "reencoded": True, "quality": q}
     if repaired:
         meta["source_mode"] = im.mode
     if needs_resize:
         meta["source_width"], meta["source_height"] = w, h
+        layout = _jpeg.restart_layout(jpeg) if restart_interval is not None and _jpeg is not None else None
+        if layout is not None:  # the markers the encoder wrote, as the loader will find them
+            meta["restart_interval"] = layout[2]
     else:
+        # Repairs are kept at high quality: transcoded losslessly, with optimised tables.
         jpeg = add_restart_index(jpeg, meta, restart_interval)
     return PreparedImage(jpeg, meta)

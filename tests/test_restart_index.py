@@ -283,6 +283,54 @@ def test_converter_indexes_by_default_and_the_flag_turns_it_off(photo_folder, tm
             assert _jpeg.restart_layout(data)[2] == meta["restart_interval"]
 
 
+def test_resized_images_get_the_markers_from_the_encoder(photo_folder, tmp_path):
+    """--max-side re-encodes write restart markers themselves; the loader's crops of them are the
+    same with and without the splice, and --no-restart-index writes none."""
+    import pipeline.decode as dm
+    from convert.images import restart_blocks
+    from convert.imagenet_to_shards import main
+    from pipeline.augment import Transform
+
+    assert main(["--src", str(photo_folder), "--out", str(tmp_path / "on"), "--no-progress", "--max-side", "96"]) == 0
+    assert main(["--src", str(photo_folder), "--out", str(tmp_path / "off"), "--no-progress", "--max-side", "96",
+                 "--no-restart-index"]) == 0
+    on, off = shard_samples(tmp_path / "on"), shard_samples(tmp_path / "off")
+    resized = [p for p, (_, meta) in on.items() if "source_width" in meta]
+    assert len(resized) >= 5
+    tf = Transform(64, train=True)
+    dec = dm.BatchDecoder(None, tf, seed=3, fast_dct=True)
+    a, b = np.empty((64, 64, 3), np.uint8), np.empty((64, 64, 3), np.uint8)
+    old = dm.use_restart_index
+    try:
+        for path in resized:
+            data, meta = on[path]
+            assert _jpeg.restart_layout(off[path][0]) is None and "restart_interval" not in off[path][1]
+            layout = _jpeg.restart_layout(data)
+            assert layout is not None and layout[2] == meta["restart_interval"]
+            assert layout[2] == restart_blocks(meta["width"], 2) and layout[0] % layout[2] == 0
+            assert np.abs(pixels(data).astype(int) - pixels(off[path][0])).max() == 0  # same coefficients
+            sizes = np.array([[meta["width"], meta["height"]]] * 16)
+            boxes, flips = tf.params(3, 0, np.arange(16), sizes)
+            for i in range(16):
+                dm.use_restart_index = False
+                dec.decode_into(data, boxes[i], flips[i], a, sizes[i])
+                dm.use_restart_index = True
+                dec.decode_into(data, boxes[i], flips[i], b, sizes[i])
+                assert np.array_equal(a, b), (path, i)
+    finally:
+        dm.use_restart_index = old
+
+
+def test_restart_blocks_never_cross_a_row():
+    from convert.images import restart_blocks
+
+    assert restart_blocks(256, 2) == 2 and restart_blocks(240, 2) == 1  # 16 and 15 MCUs per row
+    assert restart_blocks(100, 0) == 7 and restart_blocks(20, 4) == 2
+    for w in range(1, 600, 7):
+        n = restart_blocks(w, 2)
+        assert -(-w // 16) % n == 0 and 1 <= n <= 2
+
+
 def test_indexed_shards_stay_standard_jpeg_for_webdataset_and_dali(photo_folder, tmp_path):
     from convert.imagenet_to_shards import convert
     from pipeline.shard_format import load_manifest
