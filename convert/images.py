@@ -164,8 +164,9 @@ def prepare_image(data: bytes, max_side: int | None = None, quality: int = 90,
                   restart_interval: int | None = None) -> PreparedImage:
     """Return the shard JPEG and its metadata, or raise RejectedImage.
 
-    RGB JPEGs within `max_side` pass through byte for byte. Anything else (CMYK, gray, PNG,
-    RGBA, or a larger image when `max_side` is set) is decoded, converted and re-encoded.
+    RGB JPEGs within `max_side` keep their DCT coefficients (and their bytes when
+    `restart_interval` is None). Anything else (CMYK, gray, PNG, RGBA, or a larger image when
+    `max_side` is set) is decoded, converted and re-encoded.
     `restart_interval` (MCUs; 0: one MCU row): full-size JPEGs, passed through or repaired, are
     then losslessly transcoded with restart markers (`add_restart_index`); resized ones get the
     markers from the encoder.
@@ -218,7 +219,8 @@ def prepare_image(data: bytes, max_side: int | None = None, quality: int = 90,
         meta["source_mode"] = im.mode
     if needs_resize:
         meta["source_width"], meta["source_height"] = w, h
-        layout = _jpeg.restart_layout(jpeg) if restart_interval is not None and _jpeg is not None else None
+        indexable = restart_interval is not None and hasattr(_jpeg, "restart_layout")
+        layout = _jpeg.restart_layout(jpeg) if indexable else None
         if layout is not None:  # the markers the encoder wrote, as the loader will find them
             meta["restart_interval"] = layout[2]
     else:
