@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import io
-import json
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFilter
+
+from convert.synthetic import is_finished, mark_finished, wnid
 
 # Photographs in scikit-image's wheel (not charts, drawings or microscopy of synthetic shapes).
 COLOUR = ("astronaut.png", "chelsea.png", "coffee.png", "motorcycle_left.png", "motorcycle_right.png",
@@ -158,10 +159,6 @@ def render(k: int, index: int, split: str, cfg: PhotoConfig) -> bytes:
     return buf.getvalue()
 
 
-def wnid(k: int) -> str:
-    return f"n{k:08d}"
-
-
 def _write_one(job: tuple[int, int, str, str, PhotoConfig]) -> int:
     k, index, split, path, cfg = job
     data = render(k, index, split, cfg)
@@ -182,12 +179,8 @@ def generate(out: str | os.PathLike, cfg: PhotoConfig, workers: int | None = Non
     photo_dir()  # fail before any work if scikit-image is missing
     out = Path(out)
     marker = out / COMPLETE_MARKER
-    if marker.exists():
-        try:
-            if json.loads(marker.read_text()) == _marker(cfg):
-                return out
-        except (OSError, ValueError):
-            pass  # unreadable marker: regenerate
+    if is_finished(marker, _marker(cfg)):
+        return out
     jobs = []
     for split, n in (("train", cfg.per_class), ("val", cfg.val_per_class)):
         for k in range(cfg.classes if n else 0):
@@ -201,9 +194,7 @@ def generate(out: str | os.PathLike, cfg: PhotoConfig, workers: int | None = Non
     else:
         with ProcessPoolExecutor(workers) as pool:
             list(pool.map(_write_one, jobs, chunksize=16))
-    tmp = marker.with_suffix(".tmp")
-    tmp.write_text(json.dumps(_marker(cfg)))
-    os.replace(tmp, marker)
+    mark_finished(marker, _marker(cfg))
     return out
 
 

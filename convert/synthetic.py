@@ -179,12 +179,8 @@ def generate(out: str | os.PathLike, cfg: SyntheticConfig, workers: int | None =
     """
     out = Path(out)
     marker = out / COMPLETE_MARKER
-    if marker.exists():
-        try:
-            if json.loads(marker.read_text()) == _marker(cfg):
-                return out
-        except (OSError, ValueError):
-            pass  # an unreadable marker means "not finished": regenerate
+    if is_finished(marker, _marker(cfg)):
+        return out
     jobs = []
     for split, n in (("train", cfg.per_class), ("val", cfg.val_per_class)):
         for k in range(cfg.classes):
@@ -204,9 +200,7 @@ def generate(out: str | os.PathLike, cfg: SyntheticConfig, workers: int | None =
             for _ in pool.map(_write_one, jobs, chunksize=16):
                 bar.update(1)
     bar.close()
-    tmp = marker.with_suffix(".tmp")
-    tmp.write_text(json.dumps(_marker(cfg)))
-    os.replace(tmp, marker)
+    mark_finished(marker, _marker(cfg))
     return out
 
 
@@ -234,7 +228,7 @@ def generate_cifar(out: str | os.PathLike, cfg: SyntheticConfig, workers: int | 
 
     folder = Path(out) / "cifar-10-batches-py"
     marker = folder / COMPLETE_MARKER
-    if marker.exists() and json.loads(marker.read_text()) == _marker(cfg):
+    if is_finished(marker, _marker(cfg)):
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     jobs = {split: [(k, i, split, cfg) for i in range(n) for k in range(cfg.classes)]
@@ -260,13 +254,29 @@ def generate_cifar(out: str | os.PathLike, cfg: SyntheticConfig, workers: int | 
         (folder / name).write_bytes(pickle.dumps(body, protocol=2))
     meta = {"label_names": [wnid(k) for k in range(cfg.classes)], "num_cases_per_batch": len(batches[0][1])}
     (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
-    marker.write_text(json.dumps(_marker(cfg)))
+    mark_finished(marker, _marker(cfg))
     return folder
 
 
 def _marker(cfg: SyntheticConfig) -> dict:
     """What a finished dataset records, and what a cached one must match."""
     return {**asdict(cfg), "generator": GENERATOR_VERSION}
+
+
+def is_finished(marker: Path, record: dict) -> bool:
+    """Whether a generated set was finished with this `record` (its config): an absent,
+    unreadable or different marker means "generate it again"."""
+    try:
+        return json.loads(marker.read_text()) == record
+    except (OSError, ValueError):
+        return False
+
+
+def mark_finished(marker: Path, record: dict) -> None:
+    """Written last and atomically, so a set interrupted half-way is never taken as finished."""
+    tmp = marker.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, marker)
 
 
 def _progress_bar(total: int, enabled: bool):
