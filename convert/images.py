@@ -22,8 +22,8 @@ try:  # the strict JPEG validator is part of the optional compiled extension (se
     from kernels import _jpeg
 except ImportError:  # pragma: no cover - exercised where libjpeg-turbo headers are missing
     _jpeg = None
-if _jpeg is not None and not hasattr(_jpeg, "validate"):  # pragma: no cover - a stale build
-    _jpeg = None
+if _jpeg is not None and not all(hasattr(_jpeg, f) for f in ("validate", "add_restarts", "restart_layout")):
+    _jpeg = None  # pragma: no cover - a stale build: Pillow checks, no restart index
 
 # What torchvision's ImageFolder accepts (torchvision.datasets.folder.IMG_EXTENSIONS).
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -148,7 +148,7 @@ def add_restart_index(jpeg: bytes, meta: dict, interval_mcus: int | None) -> byt
     .add_restarts), so the loader can decode only the restart intervals a crop covers; the
     interval goes into `meta`. Unchanged when `interval_mcus` is None, the extension is not built,
     or the file is one it does not transcode (progressive, arithmetic-coded, multi-scan)."""
-    if interval_mcus is None or _jpeg is None or not hasattr(_jpeg, "add_restarts"):
+    if interval_mcus is None or _jpeg is None:
         return jpeg
     try:
         out, interval, _ = _jpeg.add_restarts(jpeg, interval_mcus)
@@ -219,8 +219,7 @@ def prepare_image(data: bytes, max_side: int | None = None, quality: int = 90,
         meta["source_mode"] = im.mode
     if needs_resize:
         meta["source_width"], meta["source_height"] = w, h
-        indexable = restart_interval is not None and hasattr(_jpeg, "restart_layout")
-        layout = _jpeg.restart_layout(jpeg) if indexable else None
+        layout = _jpeg.restart_layout(jpeg) if restart_interval is not None and _jpeg is not None else None
         if layout is not None:  # the markers the encoder wrote, as the loader will find them
             meta["restart_interval"] = layout[2]
     else:

@@ -159,8 +159,7 @@ class BatchDecoder:
         if self._scratch.size < need:
             self._scratch = np.empty(int(need * 1.25), np.uint8)
         try:
-            decode = _jpeg.decode_region_rst if use_restart_index and hasattr(_jpeg, "decode_region_rst") \
-                else _jpeg.decode_region
+            decode = _jpeg.decode_region_rst if use_restart_index else _jpeg.decode_region
             left, top, rw, rows = decode(data, ix, iy, iw, ih, d, self._scratch, self.fast_dct)
         except CorruptJPEG as e:
             raise CorruptSample(str(e)) from None

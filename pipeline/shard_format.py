@@ -33,6 +33,7 @@ Full-size JPEGs are stored losslessly transcoded with a restart marker every few
 They stay standard baseline JPEGs. No offset table is stored: the loader finds the markers by a
 scan of the sample's bytes, at most about 1 % of its decode + resize (and an untrusted table
 would have to be checked against the bytes anyway). `--no-restart-index` stores them byte for byte.
+Resized (`--max-side`) JPEGs get their markers from the encoder, with the same interval rule.
 
 Optional top-level keys a converter may add: `image_size` ([width, height], when every image has
 that size), `pixel_stats` ({"split", "mean", "std"}: per-channel RGB statistics of a split, in
