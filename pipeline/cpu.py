@@ -26,13 +26,18 @@ from .workers import WorkerError, WorkerPool
 
 
 def pick_start_method(requested: str | None) -> str:
-    """fork, unless CUDA is initialised: then the process runs CUDA's threads (and the loop's
+    """fork, unless CUDA or a process group is initialised: then the process runs their threads (and the loop's
     side streams, the nvjpeg device thread, ...), whose locks a forked child would inherit held,
     and CUDA itself cannot be used after fork. Workers then start from a forkserver, a clean
     process that forks them."""
     if requested is not None:
         return requested
-    return "forkserver" if torch.cuda.is_available() and torch.cuda.is_initialized() else "fork"
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    # A process group runs its backend's threads too (gloo's transport and work loops, NCCL's
+    # watchdog); a val loader forked beside them under torchrun once hung in the child's
+    # after-fork clean-up, so workers start from the forkserver there as well.
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return "forkserver" if cuda or distributed else "fork"
 
 
 class CpuLoader(PlannedLoader):

@@ -392,6 +392,10 @@ def test_workers_start_from_a_forkserver_once_cuda_is_initialised(colour_shards,
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     assert pick_start_method(None) == "forkserver" and pick_start_method("spawn") == "spawn"
     monkeypatch.undo()
+    # Under a process group too: its backend's threads run beside the fork.
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    assert pick_start_method(None) == "forkserver"
+    monkeypatch.undo()
     kw = dict(batch_size=8, image_size=16, device="cpu", workers=2, normalize=False, seed=6)
     forked = collect(create_loader(colour_shards, **kw))
     served = collect(create_loader(colour_shards, start_method="forkserver", **kw))
