@@ -6,6 +6,8 @@ with libjpeg's DCT scaling (1/8), so the inverse DCT runs on 1/64 of the pixels,
 what Pillow lets through: damaged entropy-coded data (libjpeg's corrupt-data warnings, which
 Pillow ignores, leaving grey or garbage pixels), and decompression bombs over the extension's
 limits (the same limits the loader applies, so nothing admitted here is refused there).
+A JPEG that --max-side shrinks is validated by its own decode (kernels._jpeg.decode_scaled: the
+same checks, at a DCT scale in eighths), so its entropy-coded data is read once, not twice.
 Without the extension, Pillow's luma-only 1/8 draft decode does the reading; it catches
 truncation but not damage. `Image.verify()` would be cheaper still, but it decodes nothing and
 so catches nothing.
@@ -64,12 +66,16 @@ def _validate_jpeg(data: bytes) -> bool:
     except _jpeg.UnsupportedJPEG:
         return False
     except _jpeg.CorruptJPEG as e:
-        msg = str(e)
-        # The extension's messages already say what is wrong: "truncated JPEG: ...",
-        # "corrupt JPEG data: ...", "decompression bomb: ...", "bad JPEG header: ...".
-        known = msg.startswith(("truncated", "corrupt JPEG data", "decompression bomb", "bad JPEG header"))
-        raise RejectedImage(msg if known else f"corrupt JPEG data: {msg}") from None
+        raise _rejected_jpeg(e) from None
     return True
+
+
+def _rejected_jpeg(e: Exception) -> RejectedImage:
+    msg = str(e)
+    # The extension's messages already say what is wrong: "truncated JPEG: ...",
+    # "corrupt JPEG data: ...", "decompression bomb: ...", "bad JPEG header: ...".
+    known = msg.startswith(("truncated", "corrupt JPEG data", "decompression bomb", "bad JPEG header"))
+    return RejectedImage(msg if known else f"corrupt JPEG data: {msg}")
 
 
 def _jpeg_meta(im: Image.Image) -> dict:
@@ -132,10 +138,49 @@ def restart_blocks(width: int, target: int) -> int:
 RESIZE_FILTER = Image.Resampling.HAMMING
 
 
+def _target_size(w: int, h: int, max_side: int) -> tuple[int, int]:
+    scale = max_side / max(w, h)
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
+def dct_scale_eighths(w: int, h: int, size: tuple[int, int], min_ratio: float) -> int:
+    """The smallest libjpeg scale n/8 whose output is at least `min_ratio` x `size` both ways."""
+    for n in range(1, 8):
+        if -(-w * n // 8) >= min_ratio * size[0] and -(-h * n // 8) >= min_ratio * size[1]:
+            return n
+    return 8
+
+
+# The decode's DCT-domain downscale stops at this multiple of the target; the antialiased resize
+# does the rest. Going closer costs quality: on 100 real-photo JPEGs to 256 px, PSNR against a
+# Lanczos-3 downscale of the full decode fell from 32.4 dB (median) at 2x to 29.0 dB at 1x (the
+# scaled IDCT truncates each block's spectrum, with no overlap between blocks), for 1.65x the
+# speed instead of 1.26x. At 2x it matches the previous path (Pillow's draft, 32.55 dB).
+DCT_SCALE_MARGIN = 2.0
+
+
+def _decode_resized_jpeg(data: bytes, w: int, h: int, max_side: int) -> Image.Image | None:
+    """Validate and decode in one pass (kernels._jpeg.decode_scaled), at the smallest DCT scale
+    that stays above the target, then resize: None when the extension cannot (not built, CMYK)."""
+    if _jpeg is None:
+        return None
+    size = _target_size(w, h, max_side)
+    n = dct_scale_eighths(w, h, size, DCT_SCALE_MARGIN)
+    ow, oh = -(-w * n // 8), -(-h * n // 8)
+    buf = bytearray(ow * oh * 3)
+    try:
+        _jpeg.decode_scaled(data, n, buf)
+    except _jpeg.UnsupportedJPEG:
+        return None
+    except _jpeg.CorruptJPEG as e:
+        raise _rejected_jpeg(e) from None
+    im = Image.frombuffer("RGB", (ow, oh), bytes(buf), "raw", "RGB", 0, 1)
+    return im if (ow, oh) == size else im.resize(size, RESIZE_FILTER, reducing_gap=None)
+
+
 def _resize_to_max_side(im: Image.Image, max_side: int) -> Image.Image:
     w, h = im.size
-    scale = max_side / max(w, h)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    size = _target_size(w, h, max_side)
     if im.format == "JPEG":
         # DCT-domain downscale first (at most to 2x the target, never below it), then an
         # antialiased resize; this is both faster and no worse than resizing full pixels.
@@ -188,9 +233,12 @@ def prepare_image(data: bytes, max_side: int | None = None, quality: int = 90,
         raise RejectedImage(f"degenerate size {w}x{h}")
     needs_resize = max_side is not None and max(w, h) > max_side
     passthrough = fmt == "JPEG" and im.mode == "RGB" and not needs_resize
+    mode = im.mode
+    # A JPEG to downscale is validated by the decode itself (one entropy-decoding pass, not two).
+    resized = _decode_resized_jpeg(data, w, h, max_side) if needs_resize and fmt == "JPEG" else None
     # Every JPEG, repaired ones too: a CMYK file with damaged data would be re-encoded with the
     # damage baked in.
-    validated = fmt == "JPEG" and _validate_jpeg(data)
+    validated = resized is not None or (fmt == "JPEG" and _validate_jpeg(data))
     try:
         if passthrough:
             meta = _jpeg_meta(im)
@@ -200,7 +248,9 @@ def prepare_image(data: bytes, max_side: int | None = None, quality: int = 90,
                 im.load()
             meta = {"width": w, "height": h, "source_format": fmt, **meta}
             return PreparedImage(add_restart_index(data, meta, restart_interval), meta)
-        if needs_resize:
+        if resized is not None:
+            im = resized
+        elif needs_resize:
             im = _resize_to_max_side(im, max_side)
         else:
             im.load()
@@ -210,13 +260,13 @@ def prepare_image(data: bytes, max_side: int | None = None, quality: int = 90,
     except (OSError, ValueError, SyntaxError) as e:
         raise _rejection("decode failed", e) from None
 
-    repaired = fmt != "JPEG" or im.mode != "RGB"
+    repaired = fmt != "JPEG" or mode != "RGB"
     q = max(quality, REPAIR_MIN_QUALITY) if repaired and not needs_resize else quality
     jpeg = _encode(rgb, q, restart_interval if needs_resize else None)
     meta = {"width": rgb.width, "height": rgb.height, "source_format": fmt,
             "progressive": False, "subsampling": "4:2:0", "reencoded": True, "quality": q}
     if repaired:
-        meta["source_mode"] = im.mode
+        meta["source_mode"] = mode
     if needs_resize:
         meta["source_width"], meta["source_height"] = w, h
         layout = _jpeg.restart_layout(jpeg) if restart_interval is not None and _jpeg is not None else None

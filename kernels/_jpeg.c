@@ -497,6 +497,17 @@ static void chunked_skip(j_decompress_ptr cinfo, long num_bytes) {
     src->pub.bytes_in_buffer -= (size_t)num_bytes;
 }
 
+static void chunked_setup(chunked_source *src, const Py_buffer *data) {
+    memset(src, 0, sizeof *src);
+    src->data = (const JOCTET *)data->buf;
+    src->len = (size_t)data->len;
+    src->pub.init_source = chunked_init;
+    src->pub.fill_input_buffer = chunked_fill;
+    src->pub.skip_input_data = chunked_skip;
+    src->pub.resync_to_restart = jpeg_resync_to_restart;
+    src->pub.term_source = chunked_term;
+}
+
 static PyObject *py_validate(PyObject *self, PyObject *args) {
     Py_buffer data;
     if (!PyArg_ParseTuple(args, "y*", &data)) return NULL;
@@ -508,14 +519,7 @@ static PyObject *py_validate(PyObject *self, PyObject *args) {
     volatile JDIMENSION iw = 0, ih = 0;
     volatile int comps = 0, multi = 0;
     chunked_source src;
-    memset(&src, 0, sizeof src);
-    src.data = (const JOCTET *)data.buf;
-    src.len = (size_t)data.len;
-    src.pub.init_source = chunked_init;
-    src.pub.fill_input_buffer = chunked_fill;
-    src.pub.skip_input_data = chunked_skip;
-    src.pub.resync_to_restart = jpeg_resync_to_restart;
-    src.pub.term_source = chunked_term;
+    chunked_setup(&src, &data);
     Py_BEGIN_ALLOW_THREADS
     if (setjmp(ctx.jump)) {
         failed = 1;
@@ -553,6 +557,82 @@ static PyObject *py_validate(PyObject *self, PyObject *args) {
     PyBuffer_Release(&data);
     if (failed) return raise_failure(&ctx);
     return Py_BuildValue("(IIii)", iw, ih, comps, multi);
+}
+
+/* decode_scaled(data, scale_num, out) -> (width, height)
+ * validate's checks and a decode in one pass, for the converter's resize: the whole image at
+ * scale scale_num/8 (libjpeg's scaled IDCTs, 1..8: a DCT-domain downscale at any eighth, where
+ * Pillow's draft only halves), RGB, accurate IDCT and fancy upsampling (the pixels are stored
+ * again), through the checked Huffman decoder and on to EOI, under the strict policy. One
+ * entropy-decoding pass instead of validate's plus Pillow's. */
+static PyObject *py_decode_scaled(PyObject *self, PyObject *args) {
+    Py_buffer data, out;
+    PyObject *out_obj;
+    int num;
+    if (!PyArg_ParseTuple(args, "y*iO", &data, &num, &out_obj)) return NULL;
+    if (get_output_buffer(out_obj, &out) < 0) {
+        PyBuffer_Release(&data);
+        return NULL;
+    }
+    if (num < 1 || num > 8) {
+        PyBuffer_Release(&data);
+        PyBuffer_Release(&out);
+        PyErr_SetString(PyExc_ValueError, "decode_scaled: scale_num must be in 1..8");
+        return NULL;
+    }
+    limits_t lim = limits;
+    struct jpeg_decompress_struct cinfo;
+    context ctx;
+    prepare(&cinfo, &ctx, &lim);
+    volatile int failed = 0, too_small = 0;
+    volatile JDIMENSION ow = 0, oh = 0;
+    chunked_source src;
+    chunked_setup(&src, &data);
+    Py_BEGIN_ALLOW_THREADS
+    if (setjmp(ctx.jump)) {
+        failed = 1;
+    } else {
+        ctx.corrupt = "bad JPEG header";
+        create(&cinfo, &ctx, &data);
+        cinfo.src = &src.pub; /* the checked decoder: see VALIDATE_CHUNK */
+        jpeg_read_header(&cinfo, TRUE);
+        ctx.corrupt = "corrupt JPEG data";
+        check_multiscan(&cinfo, &lim);
+        if (cinfo.jpeg_color_space == JCS_CMYK || cinfo.jpeg_color_space == JCS_YCCK)
+            fail((j_common_ptr)&cinfo, FAIL_UNSUPPORTED, "unsupported JPEG: %s colour space (no RGB conversion "
+                 "in libjpeg)", cinfo.jpeg_color_space == JCS_CMYK ? "CMYK" : "YCCK");
+        cinfo.out_color_space = JCS_RGB;
+        cinfo.scale_num = (unsigned int)num;
+        cinfo.scale_denom = 8;
+        cinfo.dct_method = JDCT_ISLOW;
+        cinfo.do_fancy_upsampling = TRUE;
+        jpeg_start_decompress(&cinfo);
+        ow = cinfo.output_width;
+        oh = cinfo.output_height;
+        size_t stride = (size_t)ow * 3;
+        if ((size_t)out.len / stride < (size_t)oh) {
+            too_small = 1;
+            jpeg_abort_decompress(&cinfo);
+        } else {
+            unsigned char *dst = (unsigned char *)out.buf;
+            while (cinfo.output_scanline < oh) {
+                JSAMPROW row = dst + stride * cinfo.output_scanline;
+                jpeg_read_scanlines(&cinfo, &row, 1);
+            }
+            jpeg_finish_decompress(&cinfo); /* reads on to EOI: damage after the last row counts */
+        }
+    }
+    jpeg_destroy_decompress(&cinfo);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&data);
+    PyBuffer_Release(&out);
+    if (failed) return raise_failure(&ctx);
+    if (too_small) {
+        PyErr_Format(PyExc_ValueError, "decode_scaled: output buffer too small for %u x %u RGB", (unsigned)ow,
+                     (unsigned)oh);
+        return NULL;
+    }
+    return Py_BuildValue("(II)", ow, oh);
 }
 
 /* -- restart-indexed JPEGs -----------------------------------------------------------------------
@@ -1259,6 +1339,11 @@ static PyMethodDef methods[] = {
      "header(data) -> (width, height, components, multi_scan)\n\n"
      "From the headers only. multi_scan: several scans (progressive, or one per component),\n"
      "so a decode buffers the whole image's coefficients. Raises CorruptJPEG, UnsupportedJPEG."},
+    {"decode_scaled", py_decode_scaled, METH_VARARGS,
+     "decode_scaled(data, scale_num, out) -> (width, height)\n\n"
+     "validate's checks and a decode in one pass: the whole image at scale scale_num/8 (1..8),\n"
+     "RGB, into `out` (at least height rows of width * 3 bytes; width = ceil(w * scale_num / 8)).\n"
+     "Raises CorruptJPEG, UnsupportedJPEG (CMYK, YCCK), ValueError (out too small), MemoryError."},
     {"validate", py_validate, METH_VARARGS,
      "validate(data) -> (width, height, components, multi_scan)\n\n"
      "Entropy-decode the whole file to its EOI (cheaply: DCT scale 1/8, no colour conversion)\n"

@@ -160,9 +160,10 @@ def _hostile_root(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
 @pytest.mark.skipif(getattr(images, "_jpeg", None) is None,
                     reason="kernels._jpeg not built: Pillow misses damaged data")
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
-def test_hostile_jpegs_are_rejected_and_the_run_goes_on(tmp_path):
+@pytest.mark.parametrize("max_side", [None, 64])  # 64: the resize path, whose decode is the validation
+def test_hostile_jpegs_are_rejected_and_the_run_goes_on(tmp_path, max_side):
     src, files = _hostile_root(tmp_path)
-    manifest, summary = convert(src, tmp_path / "out", workers=2, progress=False)
+    manifest, summary = convert(src, tmp_path / "out", workers=2, max_side=max_side, progress=False)
     rejects = {r["path"].rsplit("/", 1)[1]: r["reason"] for r in manifest["rejects"]}
     assert set(rejects) == {"bomb.JPEG", "bomb_12k.JPEG", "huffman.JPEG", "cut_scan.JPEG", "scan_twice.JPEG"}
     assert rejects["bomb.JPEG"].startswith("decompression bomb")
@@ -172,6 +173,9 @@ def test_hostile_jpegs_are_rejected_and_the_run_goes_on(tmp_path):
     samples = read_samples(tmp_path / "out", "train")
     assert len(samples) == 4
     kept = samples["train/n002/extraneous.JPEG"]["jpg"]  # accepted, its pixels intact
+    if max_side is not None:
+        assert Image.open(io.BytesIO(kept)).size == (64, 48)
+        return
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(kept))),
                           np.asarray(Image.open(io.BytesIO(files["extraneous.JPEG"]))))
 

@@ -65,6 +65,14 @@ def decode_full(data: bytes, denom: int = 1, fast: bool = False) -> np.ndarray:
     return buf[: width * rows * 3].reshape(rows, width, 3)
 
 
+def decode_scaled(data: bytes, num: int) -> np.ndarray:
+    w, h, _, _ = _jpeg.header(data)
+    ow, oh = -(-w * num // 8), -(-h * num // 8)
+    buf = np.empty(ow * oh * 3, np.uint8)
+    assert _jpeg.decode_scaled(data, num, buf) == (ow, oh)
+    return buf.reshape(oh, ow, 3)
+
+
 def cmyk_jpeg(rgb) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(rgb).convert("CMYK").save(buf, "JPEG", quality=90)
@@ -187,18 +195,22 @@ def test_damaged_files_are_corrupt_everywhere(baseline, progressive):
     for name, data in _damaged(baseline, progressive).items():
         with pytest.raises(_jpeg.CorruptJPEG):
             _jpeg.decode_region(data, 0, 0, 320, 240, 1, buf)
-        with pytest.raises(_jpeg.CorruptJPEG) as e:
-            _jpeg.validate(data)
-        msg = str(e.value)
-        assert msg.startswith(("truncated JPEG", "corrupt JPEG data", "bad JPEG header")), (name, msg)
+        for call in (lambda: _jpeg.validate(data), lambda: _jpeg.decode_scaled(data, 4, buf)):
+            with pytest.raises(_jpeg.CorruptJPEG) as e:
+                call()
+            msg = str(e.value)
+            assert msg.startswith(("truncated JPEG", "corrupt JPEG data", "bad JPEG header")), (name, msg)
 
 
 def test_validate_finds_damage_anywhere_in_a_baseline_scan(baseline):
     """libjpeg-turbo's fast Huffman decoder reads an invalid code as 0 without a warning;
     validate must still see 64 one-bits (never a valid code) wherever they are."""
+    buf = np.empty(320 * 240 * 3, np.uint8)
     for at in (0.05, 0.5, 0.99):
         with pytest.raises(_jpeg.CorruptJPEG, match="Huffman"):
             _jpeg.validate(fx.damage_entropy(baseline, at=at))
+        with pytest.raises(_jpeg.CorruptJPEG, match="Huffman"):  # the converter's validating decode
+            _jpeg.decode_scaled(fx.damage_entropy(baseline, at=at), 8, buf)
     assert _jpeg.validate(baseline) == (320, 240, 3, 0)
 
 
@@ -217,6 +229,8 @@ def test_restart_marker_damage_is_corrupt(rgb):
             _jpeg.decode_region(bad, 0, 0, 320, 240, 1, buf)
         with pytest.raises(_jpeg.CorruptJPEG, match="RST|marker"):
             _jpeg.validate(bad)
+        with pytest.raises(_jpeg.CorruptJPEG, match="RST|marker"):
+            _jpeg.decode_scaled(bad, 8, buf)
 
 
 def test_harmless_quirks_still_decode(baseline):
@@ -226,6 +240,28 @@ def test_harmless_quirks_still_decode(baseline):
     for quirk in (fx.insert_before_eoi(baseline, b"\x00" * 240), fx.set_scan_params(baseline, 0, 0, 0)):
         assert np.array_equal(decode_full(quirk), ref)
         assert _jpeg.validate(quirk) == (320, 240, 3, 0)
+        assert np.array_equal(decode_scaled(quirk, 8), ref)
+
+
+@pytest.mark.parametrize("num", [8, 4, 2, 1])
+def test_decode_scaled_is_pillows_decode(rgb, num):
+    """The converter's validating decode gives Pillow's pixels (accurate IDCT, fancy upsampling),
+    at full size and at the DCT scales Pillow's draft also uses, for every sampling and for grey."""
+    for data in (fx.pil_jpeg(rgb, subsampling=0), fx.pil_jpeg(rgb, subsampling=1), fx.pil_jpeg(rgb, subsampling=2),
+                 fx.pil_jpeg(rgb[..., 0])):
+        im = Image.open(io.BytesIO(data))
+        im.draft(im.mode, (320 * num // 8, 240 * num // 8))
+        assert np.array_equal(decode_scaled(data, num), np.asarray(im.convert("RGB"))), num
+
+
+def test_decode_scaled_caller_mistakes(baseline):
+    with pytest.raises(ValueError, match="too small"):
+        _jpeg.decode_scaled(baseline, 8, np.empty(320 * 240 * 3 - 1, np.uint8))
+    with pytest.raises(ValueError, match="scale_num"):
+        _jpeg.decode_scaled(baseline, 9, np.empty(320 * 240 * 3 * 2, np.uint8))
+    with pytest.raises(ValueError, match="read-only"):
+        _jpeg.decode_scaled(baseline, 8, bytes(320 * 240 * 3))
+    assert decode_scaled(baseline, 3).shape == (90, 120, 3)  # any eighth, not only Pillow's halvings
 
 
 def test_pillow_accepts_what_validate_refuses(baseline):
@@ -246,6 +282,8 @@ def test_cmyk_and_ycck_are_unsupported_not_corrupt(rgb):
     for data in (cmyk, ycck):
         with pytest.raises(_jpeg.UnsupportedJPEG):
             _jpeg.decode_region(data, 0, 0, 320, 240, 1, buf)
+        with pytest.raises(_jpeg.UnsupportedJPEG):
+            _jpeg.decode_scaled(data, 8, buf)
         assert _jpeg.header(data)[2] == 4
         assert _jpeg.validate(data) == (320, 240, 4, 0)  # the converter repairs these
 
@@ -272,7 +310,10 @@ _BOMB_SCRIPT = textwrap.dedent("""
     out = {"bytes": len(data)}
     buf = np.empty(1 << 20, np.uint8)
     for name, call in (("decode_region", lambda: _jpeg.decode_region(data, 0, 0, 400, 300, 8, buf)),
-                       ("validate", lambda: _jpeg.validate(data))):
+                       ("validate", lambda: _jpeg.validate(data)),
+                       # a buffer for the claimed size at 1/8, as the converter allocates (untouched pages)
+                       ("decode_scaled", lambda: _jpeg.decode_scaled(data, 1, np.empty(((size + 7) // 8) ** 2 * 3,
+                                                                                       np.uint8)))):
         try:
             out[name] = ["ok", repr(call())]
         except Exception as e:
@@ -302,7 +343,7 @@ def test_multi_scan_bombs_are_refused_before_allocating(size):
     if decoded. Refused from the header; the process never grows."""
     r = _bomb("progressive", size)
     assert r["bytes"] < 2000
-    for call in ("decode_region", "validate"):
+    for call in ("decode_region", "validate", "decode_scaled"):
         assert r[call][0] == "CorruptJPEG" and "decompression bomb" in r[call][1], r
     assert r["peak_mb"] < 300, r
 
@@ -310,14 +351,14 @@ def test_multi_scan_bombs_are_refused_before_allocating(size):
 def test_sequential_multi_scan_bombs_are_refused_too():
     fx.require_encoder()
     r = _bomb("per_component", 16000)
-    for call in ("decode_region", "validate"):
+    for call in ("decode_region", "validate", "decode_scaled"):
         assert r[call][0] == "CorruptJPEG" and "decompression bomb" in r[call][1], r
     assert r["peak_mb"] < 300, r
 
 
 def test_memory_cap_backs_up_the_pixel_cap():
     r = _bomb("progressive", 16000, {"max_multiscan_pixels": 2 ** 40, "max_memory": 64 << 20})
-    for call in ("decode_region", "validate"):
+    for call in ("decode_region", "validate", "decode_scaled"):
         assert r[call][0] == "CorruptJPEG" and "memory limit" in r[call][1], r
     assert r["peak_mb"] < 300, r
 
@@ -326,7 +367,7 @@ def test_single_scan_bomb_costs_neither_memory_nor_time():
     """A baseline file needs no whole-image buffer; its claimed size is just rows of nothing,
     and the first row past the data is a truncation."""
     r = _bomb("baseline", 65500)
-    for call in ("decode_region", "validate"):
+    for call in ("decode_region", "validate", "decode_scaled"):
         assert r[call][0] == "CorruptJPEG", r
     assert r["peak_mb"] < 300, r
 
@@ -340,6 +381,8 @@ def test_scan_cap(progressive, restore_limits):
         _jpeg.decode_region(progressive, 0, 0, 320, 240, 1, buf)
     with pytest.raises(_jpeg.CorruptJPEG, match="scans"):
         _jpeg.validate(progressive)
+    with pytest.raises(_jpeg.CorruptJPEG, match="scans"):
+        _jpeg.decode_scaled(progressive, 8, buf)
     _jpeg.set_limits(max_scans=n_scans)
     _jpeg.decode_region(progressive, 0, 0, 320, 240, 1, buf)
     assert _jpeg.validate(progressive)[3] == 1

@@ -1,5 +1,5 @@
-"""Fuzz target for kernels._jpeg: header, decode_region, validate, add_restarts and
-decode_region_rst on hostile bytes.
+"""Fuzz target for kernels._jpeg: header, decode_region, validate, decode_scaled, add_restarts
+and decode_region_rst on hostile bytes.
 
 An input is 8 parameter bytes (box, DCT scale, fast flag, output buffer size) followed by the
 JPEG. `check_one` runs all three calls and checks the module's contract:
@@ -11,7 +11,8 @@ JPEG. `check_one` runs all three calls and checks the module's contract:
     box, and writes nothing past that region (the rest of the buffer keeps its fill pattern);
   * the limits hold: a multi-scan file over max_multiscan_pixels is refused as a bomb, and the
     process's peak RSS grows less than RSS_GROWTH_KB;
-  * validate agrees with the others: what it accepts has the header's dimensions, and decodes.
+  * validate agrees with the others: what it accepts has the header's dimensions, and decodes;
+    decode_scaled (validate plus a decode at n/8) calls corrupt exactly what validate does.
 
 Splice inputs (decode_region_rst, the restart-interval splice): 8 parameter bytes, SPLICE_TAG,
 a 2-byte little-endian length, that many bytes of restart offsets (add_restarts' table, mutated
@@ -125,6 +126,29 @@ def _check_region(name: str, result, buf: np.ndarray, n: int, x: int, y: int, w:
         raise InvariantError(f"{name}: region of {end} bytes returned in a {n}-byte buffer")
     if end < n and not (buf[end:] == FILL).all():
         raise InvariantError(f"{name}: bytes written past the returned region ({end} of {n})")
+
+
+def check_scaled(data: bytes, num: int, header, valid, bomb: bool) -> None:
+    """decode_scaled is validate plus a decode: it calls corrupt exactly what validate does, and
+    what it decodes validate accepts, with the header's size at scale num/8."""
+    W, H = (header[0], header[1]) if header else (64, 64)
+    ow, oh = _ceil_div(W * num, 8), _ceil_div(H * num, 8)
+    buf = np.full(max(1, min(ow * oh * 3, MAX_OUT)), FILL, np.uint8)
+    try:
+        got = _jpeg.decode_scaled(data, num, buf)
+    except (_jpeg.CorruptJPEG, _jpeg.UnsupportedJPEG) as e:
+        # Unsupported is allowed (sampling libjpeg cannot upsample to RGB: Pillow then decides).
+        if valid is not None and isinstance(e, _jpeg.CorruptJPEG) and ow * oh * 3 <= MAX_OUT:
+            raise InvariantError(f"validate accepted a file decode_scaled calls corrupt: {e}") from None
+        if bomb and isinstance(e, _jpeg.CorruptJPEG) and "decompression bomb" not in str(e):
+            raise InvariantError(f"decode_scaled refused a multi-scan bomb for another reason: {e}") from None
+        return
+    except ValueError as e:
+        if "too small" not in str(e) or ow * oh * 3 <= buf.size:
+            raise InvariantError(f"decode_scaled: unexpected ValueError: {e}") from None
+        return
+    if valid is None or tuple(got) != (ow, oh):
+        raise InvariantError(f"decode_scaled gave {got} for a {W}x{H} file validate says {valid} of, at {num}/8")
 
 
 def check_transcode(data: bytes, interval: int, header) -> str:
@@ -270,6 +294,7 @@ def check_one(blob: bytes) -> str:
             # a file validate accepts must decode.
             raise InvariantError("validate accepted a file decode_region calls corrupt")
         outcome += "+valid"
+    check_scaled(data, p[4] % 8 + 1, header, v if "+valid" in outcome else None, bomb)
     outcome += check_transcode(data, p[5] % 9, header)
     rss = peak_rss_kb()
     if rss > _rss_ceiling_kb:
