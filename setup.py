@@ -59,8 +59,10 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=7", "matplotlib>=3.7", "scikit-image>=0.19", "atheris>=2.3; sys_platform == 'linux'"],
+        "test": ["pytest>=7", "matplotlib>=3.7", "scikit-image>=0.19", "atheris>=2.3; sys_platform == 'linux'",
+                 "pyarrow>=12"],
         "bench": ["matplotlib>=3.7", "scikit-image>=0.19"],  # photos for benchmarks.photos
+        "parquet": ["pyarrow>=12"],  # convert.parquet_to_shards: the Hugging Face hub's parquet files
         "dali": ["nvidia-dali-cuda130"],
         "npu": ["torch_npu"],
         # pillow-simd must replace Pillow, not sit beside it, and builds from source with AVX2:
@@ -72,6 +74,7 @@ setup(
         "console_scripts": [
             "imagenet-to-shards=convert.imagenet_to_shards:main",
             "cifar-to-shards=convert.cifar_to_shards:main",
+            "parquet-to-shards=convert.parquet_to_shards:main",
             "synthetic-imagenet=convert.synthetic:main",
             "resnet-train=train.run:main",
             "resnet-train-plot=train.plot:main",

@@ -21,7 +21,8 @@ import numpy as np
 from pipeline.shard_format import JPEG_EXT, RESTART_INTERVAL_MCUS, Sample, sample_key
 
 from .images import IMG_EXTENSIONS, RejectedImage, prepare_image
-from .runner import ConvertError, Item, default_workers, format_summary, plan_shards, run_conversion
+from .runner import (ConvertError, Item, default_workers, format_summary, plan_shards, run_conversion,
+                     stored_ratio)
 
 TOOL = "convert.imagenet_to_shards"
 SPLITS = ("train", "val")
@@ -118,15 +119,7 @@ def estimate_ratio(items: list[Item], options: dict, probes: int = 24) -> float:
     if not options.get("max_side") or not items:
         return 1.0
     step = max(1, len(items) // probes)
-    src = out = 0
-    for item in items[::step][:probes]:
-        try:
-            sample, n = encode_image_file(item, options)
-        except RejectedImage:
-            continue
-        src += n
-        out += len(sample.image)
-    return out / src if src else 1.0
+    return stored_ratio(items[::step][:probes], options, encode_image_file)
 
 
 def build_items(triples: list[tuple], order: np.ndarray | None) -> list[Item]:

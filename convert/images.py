@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageCms, JpegImagePlugin
 
+from pipeline.shard_format import JPEG_EXT, PNG_EXT
+
 try:  # the strict JPEG validator is part of the optional compiled extension (see setup.py)
     from kernels import _jpeg
 except ImportError:  # pragma: no cover - exercised where libjpeg-turbo headers are missing
@@ -47,8 +49,9 @@ class RejectedImage(Exception):
 
 @dataclass
 class PreparedImage:
-    jpeg: bytes
+    jpeg: bytes  # the image a shard stores: a JPEG, or a PNG where `ext` says so (keep_png)
     meta: dict  # goes into KEY.json
+    ext: str = JPEG_EXT
 
 
 def _rejection(what: str, e: Exception) -> RejectedImage:
@@ -118,6 +121,16 @@ def _encode(im: Image.Image, quality: int, restart_interval: int | None = None) 
     # 4:2:0 is what ImageNet's own files and every GPU decoder's fast path use.
     im.save(buf, format="JPEG", quality=quality, subsampling="4:2:0", **extra)
     return buf.getvalue()
+
+
+def _lossless_png(rgb: Image.Image, source_mode: str) -> PreparedImage:
+    buf = io.BytesIO()
+    # compress_level 1: every level is lossless; the fast one keeps conversion quick.
+    rgb.save(buf, format="PNG", compress_level=1)
+    meta = {"width": rgb.width, "height": rgb.height, "source_format": "PNG", "reencoded": True, "lossless": True}
+    if source_mode != "RGB":
+        meta["source_mode"] = source_mode
+    return PreparedImage(buf.getvalue(), meta, PNG_EXT)
 
 
 def restart_blocks(width: int, target: int) -> int:
@@ -206,8 +219,9 @@ def add_restart_index(jpeg: bytes, meta: dict, interval_mcus: int | None) -> byt
 
 
 def prepare_image(data: bytes, max_side: int | None = None, quality: int = 90,
-                  restart_interval: int | None = None) -> PreparedImage:
-    """Return the shard JPEG and its metadata, or raise RejectedImage.
+                  restart_interval: int | None = None, keep_png: bool = False) -> PreparedImage:
+    """Return the image a shard stores (a JPEG, unless `keep_png`) and its metadata, or raise
+    RejectedImage.
 
     RGB JPEGs within `max_side` keep their DCT coefficients (and their bytes when
     `restart_interval` is None). Anything else (CMYK, gray, PNG, RGBA, or a larger image when
@@ -215,6 +229,8 @@ def prepare_image(data: bytes, max_side: int | None = None, quality: int = 90,
     `restart_interval` (MCUs; 0: one MCU row): full-size JPEGs, passed through or repaired, are
     then losslessly transcoded with restart markers (`add_restart_index`); resized ones get the
     markers from the encoder.
+    `keep_png`: PNGs within `max_side` are stored as lossless RGB PNGs instead (what small images
+    such as CIFAR's want: JPEG's 4:2:0 chroma costs them visible detail).
     """
     if not data:
         raise RejectedImage("empty file")
@@ -260,6 +276,8 @@ def prepare_image(data: bytes, max_side: int | None = None, quality: int = 90,
     except (OSError, ValueError, SyntaxError) as e:
         raise _rejection("decode failed", e) from None
 
+    if keep_png and fmt == "PNG" and not needs_resize:
+        return _lossless_png(rgb, mode)
     repaired = fmt != "JPEG" or mode != "RGB"
     q = max(quality, REPAIR_MIN_QUALITY) if repaired and not needs_resize else quality
     jpeg = _encode(rgb, q, restart_interval if needs_resize else None)

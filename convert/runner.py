@@ -10,6 +10,7 @@ shards being written.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import multiprocessing as mp
@@ -21,7 +22,7 @@ from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from pipeline.shard_format import (MANIFEST_NAME, VERSION, ManifestError, Sample, ShardWriter, index_name,
                                    is_split_file, load_manifest, new_manifest, partial_files, sha256_file, shard_entry,
@@ -32,6 +33,10 @@ from .images import RejectedImage
 # An encoder turns one planned item into its sample and the source bytes it read, or raises
 # RejectedImage. It must be a module-level function so that worker processes can receive it.
 Encoder = Callable[[object, dict], tuple[Sample, int]]
+# A source reader turns a shard's planned items into the same items, in order, with the
+# `source` the encoder reads (a parquet row's bytes, say), lazily: see plan_shards. Like an
+# encoder it must pickle, to reach the worker that writes the shard.
+SourceReader = Callable[[list["Item"]], Iterator["Item"]]
 
 
 class ConvertError(Exception):
@@ -55,6 +60,7 @@ class ShardJob:
     plan: str
     encoder: Encoder
     options: dict
+    read_sources: SourceReader | None = None
 
 
 @dataclass
@@ -70,8 +76,13 @@ class SplitReport:
 
 
 def plan_shards(split: str, items: list[Item], shard_bytes: int, encoder: Encoder,
-                options: dict) -> list[ShardJob]:
-    """Cut the ordered items into shards of about `shard_bytes` each."""
+                options: dict, read_sources: SourceReader | None = None) -> list[ShardJob]:
+    """Cut the ordered items into shards of about `shard_bytes` each.
+
+    With `read_sources`, the items' sources are references that the process writing a shard (its
+    worker, or this process when workers encode chunks) reads as it goes: sources that would not
+    fit in memory, or are cheaper read in bulk (a parquet row group), are read there once, in order.
+    """
     jobs, current, acc = [], [], 0
     for item in items:
         current.append(item)
@@ -84,7 +95,8 @@ def plan_shards(split: str, items: list[Item], shard_bytes: int, encoder: Encode
     out = []
     for i, shard_items in enumerate(jobs):
         name = shard_name(split, i)
-        out.append(ShardJob(split, name, shard_items, _fingerprint(name, shard_items, options), encoder, options))
+        out.append(ShardJob(split, name, shard_items, _fingerprint(name, shard_items, options), encoder, options,
+                            read_sources))
     return out
 
 
@@ -107,6 +119,21 @@ AHEAD = 4
 # Shards per worker from which whole shards become the unit of work (see split_by_shard):
 # enough that the last, uneven wave of shards costs little.
 SHARDS_PER_WORKER = 4
+
+
+def stored_ratio(probes: list[Item], options: dict, encoder: Encoder,
+                 read_sources: SourceReader | None = None) -> float:
+    """Stored/source bytes of `probes` as `encoder` writes them (1.0 when none is accepted): how a
+    converter that re-encodes estimates its shards' sizes before writing any."""
+    src = out = 0
+    for item in (probes if read_sources is None else read_sources(probes)):
+        try:
+            sample, n = encoder(item, options)
+        except RejectedImage:
+            continue
+        src += n
+        out += len(sample.image)
+    return out / src if src else 1.0
 
 
 def encode_chunk(encoder: Encoder, options: dict, items: list[Item]) -> list[tuple]:
@@ -311,7 +338,7 @@ def _drain(q, on_progress) -> None:
 def _encoded_chunks(todo: list[ShardJob], pool, depth: int):
     """Yield (job, items, encode_chunk results) for every chunk in plan order, with up to
     `depth` chunks submitted ahead of the one being written."""
-    specs = ((job, job.items[i:i + CHUNK]) for job in todo for i in range(0, len(job.items), CHUNK))
+    specs = ((job, items) for job in todo for items in _job_chunks(job))
     ahead: deque = deque()
 
     def submit() -> None:
@@ -330,6 +357,13 @@ def _encoded_chunks(todo: list[ShardJob], pool, depth: int):
         job, items, future = ahead.popleft()
         submit()
         yield job, items, future.result()
+
+
+def _job_chunks(job: ShardJob) -> Iterator[list[Item]]:
+    """The job's items in chunks of CHUNK, their sources read by the job's source reader if it has one."""
+    items = iter(job.items if job.read_sources is None else job.read_sources(job.items))
+    while chunk := list(itertools.islice(items, CHUNK)):
+        yield chunk
 
 
 def _write_shard(job: ShardJob, out: Path, strict: bool, results, on_progress) -> dict:
