@@ -59,9 +59,12 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=7", "matplotlib>=3.7", "scikit-image>=0.19", "atheris>=2.3; sys_platform == 'linux'"],
+        "test": ["pytest>=7", "matplotlib>=3.7", "scikit-image>=0.19", "atheris>=2.3; sys_platform == 'linux'",
+                 "s3fs>=2024.2", "moto[server]>=5.0"],  # S3 tests: moto's server on loopback
         "bench": ["matplotlib>=3.7", "scikit-image>=0.19"],  # photos for benchmarks.photos
         "dali": ["nvidia-dali-cuda130"],
+        "s3": ["s3fs>=2024.2"],    # shards and conversions in s3:// buckets (and S3-compatible stores)
+        "gcs": ["gcsfs>=2024.2"],  # gs:// buckets
         "npu": ["torch_npu"],
         # pillow-simd must replace Pillow, not sit beside it, and builds from source with AVX2:
         #   pip uninstall -y pillow && CC="cc -mavx2" pip install --no-binary :all: pillow-simd
