@@ -1,6 +1,6 @@
 """Convert CIFAR-10/100 (the python pickles, as downloaded) into WebDataset shards.
 
-    python -m convert.cifar_to_shards --src PATH --out DIR
+    python -m convert.cifar_to_shards --src PATH --out DIR      (or --out s3://bucket/prefix)
 
 PATH is cifar-10-batches-py/, cifar-100-python/, or either .tar.gz archive unopened. Splits are
 train and test; each sample is KEY.png (lossless, pixel-exact), KEY.cls and KEY.json (with the
@@ -24,6 +24,7 @@ from PIL import Image
 
 from pipeline.shard_format import PNG_EXT, Sample, pixel_stats, sample_key
 
+from .destination import OUT_HELP, STAGING_HELP, out_arg
 from .runner import ConvertError, Item, default_workers, format_summary, plan_shards, run_conversion
 
 TOOL = "convert.cifar_to_shards"
@@ -160,8 +161,8 @@ def encode_cifar(item: Item, options: dict) -> tuple[Sample, int]:
     return Sample(buf.getvalue(), PNG_EXT, item.label, meta), len(pixels)
 
 
-def convert(src: Path, out: Path, shard_size_mb: float = 32, seed: int = 49, workers: int | None = None,
-            progress: bool = True) -> tuple[dict, str]:
+def convert(src: Path, out: Path | str, shard_size_mb: float = 32, seed: int = 49, workers: int | None = None,
+            progress: bool = True, staging: Path | None = None) -> tuple[dict, str]:
     t0 = time.perf_counter()
     source = _Source(src)
     variant = source.variant()
@@ -193,14 +194,15 @@ def convert(src: Path, out: Path, shard_size_mb: float = 32, seed: int = 49, wor
     if cifar100:
         extra["coarse_classes"] = _names(meta, "coarse_label_names")
     manifest, reports = run_conversion(out, TOOL, classes, planned, options, workers or default_workers(),
-                                       strict=True, extra=extra, progress=progress)
+                                       strict=True, extra=extra, progress=progress, staging=staging)
     return manifest, format_summary(reports, time.perf_counter() - t0)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog=f"python -m {TOOL}", description=__doc__.split("\n")[0])
     p.add_argument("--src", required=True, type=Path, help="cifar-10-batches-py/, cifar-100-python/ or the .tar.gz")
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--out", required=True, type=out_arg, help=OUT_HELP)
+    p.add_argument("--staging", type=Path, help=STAGING_HELP)
     p.add_argument("--shard-size-mb", type=float, default=32, help="target shard size in MB (default 32)")
     p.add_argument("--seed", type=int, default=49, help="train shuffle seed (default 49)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
@@ -211,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.workers is not None and a.workers < 1:
         p.error("--workers must be >= 1")
     try:
-        _, summary = convert(a.src, a.out, a.shard_size_mb, a.seed, a.workers, progress=not a.no_progress)
+        _, summary = convert(a.src, a.out, a.shard_size_mb, a.seed, a.workers, progress=not a.no_progress,
+                             staging=a.staging)
     except ConvertError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

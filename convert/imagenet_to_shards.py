@@ -1,6 +1,7 @@
 """Convert an ImageNet-style ImageFolder tree into WebDataset shards plus a manifest.
 
     python -m convert.imagenet_to_shards --src DIR --out DIR [--max-side 500 --quality 90]
+    python -m convert.imagenet_to_shards --src DIR --out s3://bucket/prefix
 
 DIR holds train/ and/or val/ as ImageFolder trees (<wnid>/<file>.JPEG); val/ may instead be the
 flat layout ImageNet ships (val/*.JPEG) with --val-labels. Class indices are the sorted folder
@@ -20,6 +21,7 @@ import numpy as np
 
 from pipeline.shard_format import JPEG_EXT, RESTART_INTERVAL_MCUS, Sample, sample_key
 
+from .destination import OUT_HELP, STAGING_HELP, out_arg
 from .images import IMG_EXTENSIONS, RejectedImage, prepare_image
 from .runner import (ConvertError, Item, default_workers, format_summary, plan_shards, run_conversion,
                      stored_ratio)
@@ -134,12 +136,13 @@ def build_items(triples: list[tuple], order: np.ndarray | None) -> list[Item]:
     return items
 
 
-def convert(src: Path, out: Path, splits: list[str] | None = None, val_labels: Path | None = None,
+def convert(src: Path, out: Path | str, splits: list[str] | None = None, val_labels: Path | None = None,
             shard_size_mb: float = 256, max_side: int | None = None, quality: int = 90, seed: int = 49,
             workers: int | None = None, strict: bool = False, progress: bool = True,
-            restart_interval: int | None = RESTART_INTERVAL_MCUS) -> tuple[dict, str]:
-    """Run the conversion; return (manifest, summary text). `restart_interval`: MCUs between the
-    restart markers added to full-size JPEGs (0: one MCU row); None stores them byte for byte."""
+            restart_interval: int | None = RESTART_INTERVAL_MCUS, staging: Path | None = None) -> tuple[dict, str]:
+    """Run the conversion; return (manifest, summary text). `out`: a folder or an object store
+    URL (staged in `staging`). `restart_interval`: MCUs between the restart markers added to
+    full-size JPEGs (0: one MCU row); None stores them byte for byte."""
     t0 = time.perf_counter()
     if not src.is_dir():
         raise ConvertError(f"--src {src}: no such directory")
@@ -186,7 +189,7 @@ def convert(src: Path, out: Path, splits: list[str] | None = None, val_labels: P
         raise ConvertError(f"{r['path']}: {r['reason']} (--strict)")
 
     manifest, reports = run_conversion(out, TOOL, classes, planned, options, workers or default_workers(),
-                                       strict, ignored, {"val": early_rejects}, progress=progress)
+                                       strict, ignored, {"val": early_rejects}, progress=progress, staging=staging)
     return manifest, format_summary(reports, time.perf_counter() - t0)
 
 
@@ -200,7 +203,8 @@ def positive_int(s: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"python -m {TOOL}", description=__doc__.split("\n")[0])
     p.add_argument("--src", required=True, type=Path, help="folder holding train/ and/or val/")
-    p.add_argument("--out", required=True, type=Path, help="output folder for shards and manifest.json")
+    p.add_argument("--out", required=True, type=out_arg, help=OUT_HELP)
+    p.add_argument("--staging", type=Path, help=STAGING_HELP)
     p.add_argument("--splits", nargs="+", choices=SPLITS, help="splits to convert (default: those present)")
     p.add_argument("--val-labels", type=Path, help="LOC_val_solution.csv or 'filename wnid' list for flat val/")
     p.add_argument("--shard-size-mb", type=float, default=256, help="target shard size in MB (default 256)")
@@ -228,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _, summary = convert(a.src, a.out, a.splits, a.val_labels, a.shard_size_mb, a.max_side, a.quality,
                              a.seed, a.workers, a.strict, progress=not a.no_progress,
-                             restart_interval=None if a.no_restart_index else RESTART_INTERVAL_MCUS)
+                             restart_interval=None if a.no_restart_index else RESTART_INTERVAL_MCUS,
+                             staging=a.staging)
     except ConvertError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if "--strict" not in str(e) else 1

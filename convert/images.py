@@ -151,7 +151,7 @@ def restart_blocks(width: int, target: int) -> int:
 RESIZE_FILTER = Image.Resampling.HAMMING
 
 
-def _target_size(w: int, h: int, max_side: int) -> tuple[int, int]:
+def target_size(w: int, h: int, max_side: int) -> tuple[int, int]:
     scale = max_side / max(w, h)
     return max(1, round(w * scale)), max(1, round(h * scale))
 
@@ -177,7 +177,7 @@ def _decode_resized_jpeg(data: bytes, w: int, h: int, max_side: int) -> Image.Im
     that stays above the target, then resize: None when the extension cannot (not built, CMYK)."""
     if _jpeg is None:
         return None
-    size = _target_size(w, h, max_side)
+    size = target_size(w, h, max_side)
     n = dct_scale_eighths(w, h, size, DCT_SCALE_MARGIN)
     ow, oh = -(-w * n // 8), -(-h * n // 8)
     buf = bytearray(ow * oh * 3)
@@ -193,7 +193,7 @@ def _decode_resized_jpeg(data: bytes, w: int, h: int, max_side: int) -> Image.Im
 
 def _resize_to_max_side(im: Image.Image, max_side: int) -> Image.Image:
     w, h = im.size
-    size = _target_size(w, h, max_side)
+    size = target_size(w, h, max_side)
     if im.format == "JPEG":
         # DCT-domain downscale first (at most to 2x the target, never below it), then an
         # antialiased resize; this is both faster and no worse than resizing full pixels.

@@ -18,21 +18,21 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.shard_format import (META_EXT, RESTART_INTERVAL_MCUS, SPLIT_NAMES, Sample, image_member, read_index,
-                                   sample_key, write_manifest)
+from pipeline.shard_format import RESTART_INTERVAL_MCUS, SPLIT_NAMES, Sample, sample_key
 
-from .images import RejectedImage, prepare_image
+from .destination import OUT_HELP, STAGING_HELP, out_arg
+from .images import RejectedImage, prepare_image, target_size
 from .imagenet_to_shards import positive_int
 from .parquet_source import (Columns, RowGroup, RowReader, RowRef, class_names, detect_columns, find_split_files,
                              open_parquet, read_features, require_pyarrow, scan_row_groups)
-from .runner import ConvertError, Item, default_workers, format_summary, plan_shards, run_conversion, stored_ratio
+from .runner import (ConvertError, Item, ShardJob, default_workers, format_summary, plan_shards, run_conversion,
+                     stored_ratio)
 
 TOOL = "convert.parquet_to_shards"
 # Source bytes of the row groups whose rows are shuffled together in train (see the docstring):
@@ -188,50 +188,47 @@ def unlabelled_rejects(base: Path, groups: list[RowGroup]) -> list[dict]:
             for g in groups for r, v in enumerate(g.labels) if v is None or v < 0]
 
 
-# -- after the run -----------------------------------------------------------------------------
+# -- recipe hints -------------------------------------------------------------------------------
 
-def fixed_size_extra(out: Path, manifest: dict, split: str = "train") -> dict:
-    """`image_size` when every image of `split` has one size, and `pixel_stats` too when that
-    size is small (at most STATS_MAX_SIDE): what train.recipes picks the CIFAR recipe by. Reads
-    the split's KEY.json members; stops at the first image of another size."""
+def fixed_size_extra(jobs: list[ShardJob], read_rows: RowReader, max_side: int | None) -> dict:
+    """`image_size` and `pixel_stats` when every train image has one small size (at most
+    STATS_MAX_SIDE): what train.recipes picks the CIFAR recipe by. Read from the source before the
+    conversion, so the manifest is written once, complete; the scan stops at the first image that
+    is larger or of another size (on ImageNet, the first one). Images that fail to open are left
+    to the conversion, which rejects them."""
     from PIL import Image
 
+    
     size, n = None, 0
     sums, squares = np.zeros(3), np.zeros(3)
-    for entry in manifest["splits"].get(split, {}).get("shards", []):
-        with open(out / entry["name"], "rb") as f:
-            for key, members in read_index(out / entry["index"]):
-                meta = json.loads(_member(f, members[META_EXT]))
+    for job in jobs:
+        for item in read_rows(job.items):
+            data = item.source[0]
+            if data is None:
+                continue
+            try:
+                im = Image.open(io.BytesIO(data))
                 if size is None:
-                    size = (meta["width"], meta["height"])
-                elif (meta["width"], meta["height"]) != size:
-                    return {}
-                if max(size) <= STATS_MAX_SIDE:
-                    data = _member(f, members[image_member(key, members, entry["name"])])
-                    px = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), np.float64).reshape(-1, 3) / 255
-                    sums += px.sum(0)
-                    squares += (px * px).sum(0)
-                    n += len(px)
+                    size = im.size
+                if im.size != size or max(size) > STATS_MAX_SIDE:
+                    return {}  # only small fixed-size sets get a recipe hint: stop reading at once
+                px = np.asarray(im.convert("RGB"), np.float64).reshape(-1, 3) / 255
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+                continue
+            sums += px.sum(0)
+            squares += (px * px).sum(0)
+            n += len(px)
     if size is None:
         return {}
+    if max_side is not None and max(size) > max_side:
+        return {"image_size": list(target_size(*size, max_side))}  # resized: the source's statistics differ
     extra = {"image_size": list(size)}
     if n:
         mean = sums / n
         std = np.sqrt(np.maximum(squares / n - mean * mean, 0))
-        extra["pixel_stats"] = {"split": split, "mean": [round(float(v), 4) for v in mean],
+        extra["pixel_stats"] = {"split": "train", "mean": [round(float(v), 4) for v in mean],
                                 "std": [round(float(v), 4) for v in std]}
     return extra
-
-
-def _member(f, span: tuple[int, int]) -> bytes:
-    f.seek(span[0])
-    return f.read(span[1])
-
-
-def with_extra(manifest: dict, extra: dict) -> dict:
-    """The manifest with top-level keys added where new_manifest puts them (before the splits)."""
-    head = {k: v for k, v in manifest.items() if k not in ("splits", "rejects")}
-    return {**head, **extra, "splits": manifest["splits"], "rejects": manifest["rejects"]}
 
 
 # -- the conversion ----------------------------------------------------------------------------
@@ -240,9 +237,10 @@ def convert(src: str | Path, out: Path, splits: list[str] | None = None, image_c
             label_column: str | None = None, classes_file: Path | None = None, shard_size_mb: float = 256,
             max_side: int | None = None, quality: int = 90, seed: int = 49, workers: int | None = None,
             strict: bool = False, progress: bool = True, restart_interval: int | None = RESTART_INTERVAL_MCUS,
-            keep_png: bool = False) -> tuple[dict, str]:
+            keep_png: bool = False, staging: Path | None = None) -> tuple[dict, str]:
     """Run the conversion; return (manifest, summary text). Options as in
-    convert.imagenet_to_shards.convert; `keep_png` stores PNG images losslessly (for CIFAR)."""
+    convert.imagenet_to_shards.convert (`out` may be s3://bucket/prefix, staged in `staging`);
+    `keep_png` stores PNG images losslessly (for CIFAR)."""
     t0 = time.perf_counter()
     require_pyarrow()
     base, files, unnamed = find_split_files(str(src))
@@ -289,12 +287,11 @@ def convert(src: str | Path, out: Path, splits: list[str] | None = None, image_c
     extra = {}
     if "coarse_label" in columns.other_labels and class_names(features, "coarse_label"):
         extra["coarse_classes"] = class_names(features, "coarse_label")  # as convert.cifar_to_shards
+    if "train" in planned:
+        extra.update(fixed_size_extra(planned["train"], read_rows, max_side))
     manifest, reports = run_conversion(out, TOOL, classes, planned, options, workers or default_workers(), strict,
-                                       unplanned_rejects=early_rejects, extra=extra, progress=progress)
-    sized = fixed_size_extra(out, manifest)
-    if sized:
-        manifest = with_extra(manifest, sized)
-        write_manifest(out, manifest)
+                                       unplanned_rejects=early_rejects, extra=extra, progress=progress,
+                                       staging=staging)
     return manifest, "\n".join([format_summary(reports, time.perf_counter() - t0), *notes])
 
 
@@ -302,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"python -m {TOOL}", description=__doc__.split("\n")[0])
     p.add_argument("--src", required=True,
                    help="folder of the hub's .parquet files (searched recursively), or a glob pattern")
-    p.add_argument("--out", required=True, type=Path, help="output folder for shards and manifest.json")
+    p.add_argument("--out", required=True, type=out_arg, help=OUT_HELP)
+    p.add_argument("--staging", type=Path, help=STAGING_HELP)
     p.add_argument("--splits", nargs="+", choices=SPLIT_NAMES, help="splits to convert (default: those present)")
     p.add_argument("--image-column", help="column of the images (default: the Image feature, e.g. image or img)")
     p.add_argument("--label-column", help="column of the class index (default: the ClassLabel feature; label, "
@@ -341,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         _, summary = convert(a.src, a.out, a.splits, a.image_column, a.label_column, a.classes, a.shard_size_mb,
                              a.max_side, a.quality, a.seed, a.workers, a.strict, progress=not a.no_progress,
                              restart_interval=None if a.no_restart_index else RESTART_INTERVAL_MCUS,
-                             keep_png=a.keep_png)
+                             keep_png=a.keep_png, staging=a.staging)
     except ConvertError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1 if "(--strict)" in str(e) else 2

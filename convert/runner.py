@@ -24,10 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from pipeline.shard_format import (MANIFEST_NAME, VERSION, ManifestError, Sample, ShardWriter, index_name,
-                                   is_split_file, load_manifest, new_manifest, partial_files, sha256_file, shard_entry,
-                                   shard_name, write_manifest)
+from pipeline.shard_format import VERSION, Sample, ShardWriter, new_manifest, shard_entry, shard_name
 
+from .destination import ConvertError, destination
 from .images import RejectedImage
 
 # An encoder turns one planned item into its sample and the source bytes it read, or raises
@@ -37,10 +36,6 @@ Encoder = Callable[[object, dict], tuple[Sample, int]]
 # `source` the encoder reads (a parquet row's bytes, say), lazily: see plan_shards. Like an
 # encoder it must pickle, to reach the worker that writes the shard.
 SourceReader = Callable[[list["Item"]], Iterator["Item"]]
-
-
-class ConvertError(Exception):
-    """A failure the user must fix (bad input directory, unwritable output, strict reject)."""
 
 
 @dataclass
@@ -168,50 +163,20 @@ def write_whole_shard(job: ShardJob, out: Path, strict: bool) -> dict:
 
 # -- main side --------------------------------------------------------------------------------
 
-def prepare_out_dir(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise ConvertError(f"--out {out}: not writable ({e.strerror or e})") from None
-    # Leftovers of a killed run: never under a final name, always safe to drop.
-    for stale in partial_files(out):
-        stale.unlink(missing_ok=True)
-
-
-def _previous_entries(out: Path) -> dict[str, dict]:
-    """Finished shard entries of an earlier run into the same directory, by name."""
-    if not (out / MANIFEST_NAME).exists():
-        return {}
-    try:
-        m = load_manifest(out)
-    except ManifestError:
-        return {}
-    return {s["name"]: s for info in m["splits"].values() for s in info["shards"]}
-
-
-def _still_valid(out: Path, entry: dict | None, job: ShardJob) -> bool:
-    if not entry or entry.get("plan") != job.plan or "labels" not in entry:
-        return False
-    tar, idx = out / job.name, out / entry.get("index", "")
-    if not tar.is_file() or not idx.is_file() or tar.stat().st_size != entry.get("bytes"):
-        return False
-    return sha256_file(tar) == entry.get("sha256")
-
-
-def run_conversion(out: Path, tool: str, classes: list[str], splits: dict[str, list[ShardJob]],
+def run_conversion(out: Path | str, tool: str, classes: list[str], splits: dict[str, list[ShardJob]],
                    options: dict, workers: int, strict: bool, ignored: dict[str, list[str]] | None = None,
                    unplanned_rejects: dict[str, list[dict]] | None = None, extra: dict | None = None,
-                   progress: bool = True) -> tuple[dict, dict[str, SplitReport]]:
+                   progress: bool = True, staging: Path | str | None = None) -> tuple[dict, dict[str, SplitReport]]:
     """Write every planned shard that is not already finished, keeping the manifest current.
 
+    `out` is a folder or an object store URL (`s3://bucket/prefix`: shards are written in the
+    local `staging` folder and uploaded one by one, the manifest last; see convert.destination).
     `unplanned_rejects` are files turned away before planning (an unlabelled val image, say);
     they are reported with the rest. `extra` adds fixed top-level keys to the manifest.
     """
-    prepare_out_dir(out)
-    previous = _previous_entries(out)
+    dest = destination(out, staging)
+    dest.prepare()
+    previous = dest.previous_entries()
     ignored = ignored or {}
     unplanned_rejects = unplanned_rejects or {}
     entries: dict[str, dict[str, dict]] = {s: {} for s in splits}
@@ -221,12 +186,12 @@ def run_conversion(out: Path, tool: str, classes: list[str], splits: dict[str, l
         reports[split].shards = len(jobs)
         for job in jobs:
             old = previous.get(job.name)
-            if _still_valid(out, old, job):
+            if dest.still_valid(old, job):
                 entries[split][job.name] = old
                 reports[split].kept_shards += 1
             else:
                 todo.append(job)
-        _remove_unplanned(out, split, {j.name for j in jobs})
+        dest.remove_unplanned(split, {j.name for j in jobs})
 
     def manifest(complete: bool) -> dict:
         info = {}
@@ -254,14 +219,15 @@ def run_conversion(out: Path, tool: str, classes: list[str], splits: dict[str, l
     def on_done(job: ShardJob, entry: dict):
         entries[job.split][job.name] = entry
         reports[job.split].written += entry["samples"]
-        write_manifest(out, manifest(False))
+        dest.write_manifest(manifest(False))
+        dest.publish(job.name, entry)  # a bucket: upload it (a rerun uploads one left staged)
 
     try:
-        _write_all(todo, out, strict, workers, on_progress, on_done)
+        _write_all(todo, dest.folder, strict, workers, on_progress, on_done)
     finally:
         bar.close()
     final = manifest(True)
-    write_manifest(out, final)
+    dest.write_manifest(final)  # last: a bucket's readers see the dataset only now
 
     for split in splits:
         rep = reports[split]
@@ -388,14 +354,6 @@ def _write_shard(job: ShardJob, out: Path, strict: bool, results, on_progress) -
         size, digest = writer.close()
     return {**shard_entry(job.name, writer.samples, size, digest, job.plan, writer.labels),
             "bytes_in": bytes_in, "rejects": rejects}
-
-
-def _remove_unplanned(out: Path, split: str, planned: set[str]) -> None:
-    """Drop shards of this split that an earlier, differently planned run left behind."""
-    keep = planned | {index_name(n) for n in planned}
-    for p in out.iterdir():
-        if is_split_file(p.name, split) and p.name not in keep:
-            p.unlink(missing_ok=True)
 
 
 def _bar(total: int, enabled: bool):

@@ -68,7 +68,7 @@ class LoaderConfig:
     prefetch: int = 2  # batches in flight per worker (cpu), or ahead of the consumer (nvjpeg, dali)
     worker_mode: str = "process"  # cpu backend: "process" or "thread"
     start_method: str | None = None  # process workers: None is fork, or forkserver once CUDA or threads run
-    shuffle_buffer: int = 4096  # remote shards only
+    shuffle_buffer: int = 4096  # streamed (http) shards only
     crop: str = "resized"  # "resized": RandomResizedCrop / Resize + CenterCrop; "padded": CIFAR's RandomCrop
     scale: tuple = RRC_SCALE  # RandomResizedCrop area range
     ratio: tuple = RRC_RATIO  # RandomResizedCrop aspect range

@@ -88,7 +88,7 @@ class CpuLoader(PlannedLoader):
         self._token += 1
         token = self._token
         reader = None
-        if self.table.remote:
+        if self.table.streamed:
             reader = RemoteReader(self.table, shard_order, batches, start, lookahead=self.slots + 1)
         free = list(range(self.slots))
         ready: dict[int, tuple[int, dict]] = {}

@@ -1,7 +1,7 @@
 """The `dali` backend: NVIDIA DALI decodes, resizes and normalizes, fed by the project's own plan.
 
 The host side is the other backends': each batch's samples come from the epoch plan (`pipeline
-.plan`), their bytes from the shards (`SampleReader`, local or streamed), and each sample's box
+.plan`), their bytes from the shards (`SampleReader`: mapped, streamed or ranged), and each sample's box
 and flip from the shared counter-based RNG (`Transform`). DALI gets them through
 `fn.external_source` and runs, per sample:
 
@@ -175,7 +175,7 @@ class DaliLoader(PlannedLoader):
     def __iter__(self):
         epoch, batches, shard_order, start = self._begin()
         reader = None
-        if self.table.remote:
+        if self.table.streamed:
             reader = RemoteReader(self.table, shard_order, batches, start, lookahead=self.depth + 1)
         pending: deque = deque()  # host reads, in batch order
         flight: deque[HostBatch] = deque()  # fed to DALI and scheduled, in order

@@ -36,11 +36,12 @@ def create_loader(shards, split: str = "train", batch_size: int = 256, image_siz
                   backend: str = "auto", device: str = "cuda", workers: int = 8, seed: int = 49,
                   rank: int | None = None, world_size: int | None = None, dtype: torch.dtype = torch.bfloat16,
                   channels_last: bool = True, normalize: bool = True, **options) -> BatchLoader:
-    """A loader over `shards` (a folder with manifest.json, a manifest URL, or a brace pattern of
-    tar paths/URLs) for one split, from the backend `backend` names ("auto", "cpu", "nvjpeg",
-    "dali", "synthetic"). Extra `options` are LoaderConfig fields (drop_last, prefetch,
-    worker_mode, start_method, shuffle_buffer, scale, ratio, val_resize, fast_dct, dct_scaling,
-    max_open_shards, mean, std). The result honours the `BatchLoader` contract."""
+    """A loader over `shards` (a folder with manifest.json, a manifest URL, an object store prefix
+    `s3://bucket/prefix` or `gs://...`, or a brace pattern of tar paths/URLs) for one split, from
+    the backend `backend` names ("auto", "cpu", "nvjpeg", "dali", "synthetic"). Extra `options`
+    are LoaderConfig fields (drop_last, prefetch, worker_mode, start_method, shuffle_buffer, scale,
+    ratio, val_resize, fast_dct, dct_scaling, max_open_shards, mean, std). The result honours the
+    `BatchLoader` contract."""
     from .backends import BACKENDS, resolve_backend
 
     rank, world_size = dist_rank_world(rank, world_size)
@@ -139,7 +140,7 @@ class PlannedLoader(ResumableLoader):
                 batches = plan.val_batches(len(self.table), c.rank, c.world_size, c.batch_size)
                 mine = np.concatenate(batches) if batches else np.zeros(0, np.int64)
                 p = (batches, sorted(set(self.table.shard[mine].tolist())))  # natural order, own shards
-            elif self.table.remote:
+            elif self.table.streamed:
                 p = plan.train_batches_remote(self.table.shard_sizes, c.seed, epoch, c.rank, c.world_size,
                                               c.batch_size, c.shuffle_buffer, c.drop)
             else:
@@ -166,10 +167,13 @@ class PlannedLoader(ResumableLoader):
         return self.table.num_classes
 
     def _plan_key(self) -> dict:
+        """What a saved state must match. Random-access tables (local or object store) share one
+        plan, so a state resumes on either copy of a dataset; a streamed one's plan also depends
+        on its shuffle buffer."""
         c = self.cfg
         key = {"seed": c.seed, "world_size": c.world_size, "batch_size": c.batch_size, "samples": len(self.table),
                "split": c.split, "drop_last": c.drop}
-        if self.table.remote and c.train:
+        if self.table.streamed and c.train:
             key["shuffle_buffer"] = c.shuffle_buffer
         return key
 

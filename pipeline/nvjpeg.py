@@ -1,9 +1,9 @@
 """The `nvjpeg` backend: decode and augment on the device, with torchvision's batched nvJPEG
 decode and one batched crop-resize-normalize kernel (kernels/batch_resize.py).
 
-Host threads only read each batch's JPEG bytes (mmap slices, or the remote stream) into a
-pinned buffer, read the headers, and draw each sample's crop and flip from the same
-counter-based RNG as the CPU backend, so the augmentation distribution is the same. The device
+Host threads only read each batch's JPEG bytes (mmap slices, range reads from an object store,
+or the http stream) into a pinned buffer, read the headers, and draw each sample's crop and flip
+from the same counter-based RNG as the CPU backend, so the augmentation distribution is the same. The device
 work runs in a thread of its own (torchvision's decode blocks its caller until the batch is
 decoded) on one side stream created with the loader; the consumer's stream waits on an event
 recorded after each batch, and the outputs are marked with `record_stream`.
@@ -178,7 +178,7 @@ class NvjpegLoader(PlannedLoader):
     def __iter__(self):
         epoch, batches, shard_order, start = self._begin()
         reader = None
-        if self.table.remote:
+        if self.table.streamed:
             reader = RemoteReader(self.table, shard_order, batches, start, lookahead=self.cfg.prefetch + 1)
         ready: queue.Queue = queue.Queue(maxsize=max(1, self.cfg.prefetch))
         stop = threading.Event()

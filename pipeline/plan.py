@@ -3,10 +3,10 @@
 An epoch's plan is a pure function of (table, seed, epoch, rank, world size, batch size), so
 every rank agrees on it without communicating, and a resumed run recomputes it exactly.
 
-- Train, local shards: a full permutation of all samples each epoch. Rank r takes every
-  world-th sample of it, cut to the same length on every rank, so the slices are disjoint and
-  every rank runs the same number of batches.
-- Train, remote shards: a per-epoch shard shuffle, shards dealt to ranks to balance sample
+- Train, random-access shards (local files, or objects read by range): a full permutation of all
+  samples each epoch. Rank r takes every world-th sample of it, cut to the same length on every
+  rank, so the slices are disjoint and every rank runs the same number of batches.
+- Train, streamed shards (http): a per-epoch shard shuffle, shards dealt to ranks to balance sample
   counts, each rank's stream passed through a seeded shuffle buffer; ranks are cut to the
   shortest one, so the batch count is again equal.
 - Val: natural order, each sample exactly once across ranks and no padding. The split is cut

@@ -47,7 +47,11 @@ class ResidentLoader(PlannedLoader):
     def _load(self) -> None:
         t0 = time.perf_counter()
         n = len(self.table)
-        raw = self._remote_bytes() if self.table.remote else None
+        raw = None
+        if self.table.streamed:
+            raw = self._remote_bytes()
+        elif self.table.ranged:
+            raw = self.samples.fetch(range(n))  # the whole split in one concurrent read
         with ThreadPoolExecutor(max(1, self.cfg.workers)) as pool:
             decoded = list(pool.map(lambda sid: self._decode_one(sid, raw), range(n)))
         shapes = {a.shape for a in decoded if a is not None}
@@ -76,7 +80,7 @@ class ResidentLoader(PlannedLoader):
             return None
 
     def _remote_bytes(self) -> dict[int, tuple[bytes, int]]:
-        """Every sample of a remote split: each shard fetched whole (a small dataset's few shards)."""
+        """Every sample of a streamed split: each shard fetched whole (a small dataset's few shards)."""
         t, out = self.table, {}
         starts = t.shard_starts
         for s, url in enumerate(t.urls):

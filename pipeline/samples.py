@@ -4,7 +4,9 @@ Local shards are read through mmap: a sample's bytes are a view of the mapped sh
 copy. Each map holds a file descriptor, so the maps a process keeps open form a bounded LRU
 (`max_open`): ImageNet has ~550 train shards, and a map per shard per worker would pass the
 common 1,024-descriptor limit. One reader may serve several threads: the cache is locked.
-Remote shards arrive as `raw` dicts (id -> (bytes, label)) cut from the stream.
+Shards in object storage are read here too, by range requests at the index's offsets: a batch's
+ranges in one concurrent read (`fetch`), in the process that decodes them. Streamed (http) shards
+arrive as `raw` dicts (id -> (bytes, label)) cut from the stream; `fetch` returns the same shape.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from collections import OrderedDict
 
 import numpy as np
 
+from . import objstore
 from .shard_format import ShardError
 from .source import SampleTable
 
@@ -98,10 +101,25 @@ class SampleReader:
         finally:
             self._lock.release()
 
+    def fetch(self, ids) -> dict[int, tuple[bytes, int]]:
+        """Bytes and labels of samples `ids` of an object store table, read by range requests
+        (concurrent, nearby ranges merged), as a `raw` dict."""
+        t = self.table
+        rows = np.asarray(ids, np.int64)
+        starts = t.offset[rows]
+        try:
+            blobs = objstore.read_ranges([t.urls[s] for s in t.shard[rows]], starts, starts + t.size[rows])
+        except objstore.ObjectStoreError as e:
+            raise ShardError(f"shard {e}") from None
+        return {int(sid): (b, int(t.label[sid])) for sid, b in zip(rows.tolist(), blobs)}
+
     def bytes(self, sid: int, raw: dict | None = None):
-        """The image member of sample `sid`: a view of its mapped shard, or from `raw` (remote)."""
+        """The image member of sample `sid`: a view of its mapped shard, or from `raw` (streamed),
+        or read from the object store."""
         if raw is not None:
             return raw[sid][0]
+        if self.table.ranged:
+            return self.fetch([sid])[sid][0]
         s = int(self.table.shard[sid])
         off, n = int(self.table.offset[sid]), int(self.table.size[sid])
         with self._lock:
@@ -131,6 +149,8 @@ class SampleReader:
         """(bytes by id, (n, 2) sizes as width, height, why each unreadable id failed).
 
         An unreadable sample keeps a 1 x 1 size, so augmentation parameters can still be drawn."""
+        if raw is None and self.table.ranged:
+            raw = self.fetch(ids)  # one concurrent read for the batch
         data, bad = {}, {}
         sizes = np.ones((len(ids), 2), np.int64)
         for i, sid in enumerate(ids):

@@ -1,10 +1,18 @@
-"""Where samples live: resolve `shards` (a folder with a manifest, a manifest URL, or a brace
-pattern of tar paths or URLs) for one split into a table of every sample's shard, byte range and
-label.
+"""Where samples live: resolve `shards` (a folder with a manifest, a manifest URL, an object store
+prefix, or a brace pattern of tar paths or URLs) for one split into a table of every sample's
+shard, byte range and label.
+
+How a table's samples are read is its `access`:
+
+- LOCAL: files on this machine, mapped (random access).
+- RANGED: objects in a bucket (`s3://`, `gs://`), read by range requests at the index's offsets
+  (random access, like LOCAL: train keeps its full per-epoch permutation).
+- STREAM: shards served over http(s), each read whole, in order (train streams through a shuffle
+  buffer).
 
 Shard entries of a manifest are untrusted: a name is only ever resolved as a file inside the
-manifest's folder (or, for a manifest fetched over http, a URL on the same host under the
-manifest's folder). Nothing is handed to a shell, `pipe:` included.
+manifest's folder (or, for a manifest fetched over http or from a bucket, a URL on the same host or
+bucket under the manifest's folder). Nothing is handed to a shell, `pipe:` included.
 
 A pattern names shards of one split. When a manifest lies beside them, it must list every one of
 them under the requested split; without one, a split named in a file name (`train-000001.tar`,
@@ -23,10 +31,13 @@ from urllib.parse import urljoin, urlsplit
 
 import numpy as np
 
+from . import objstore
 from . import shard_format as fmt
 from .http import HTTPReadError, http_get, is_url
 from .plan import shard_starts
 from .shard_format import ManifestError, ShardError
+
+LOCAL, RANGED, STREAM = "local", "ranged", "stream"
 
 
 @dataclass
@@ -38,8 +49,8 @@ class SampleTable:
     shard: np.ndarray               # (N,) int32 shard of each sample
     offset: np.ndarray              # (N,) int64 byte offset of the image member
     size: np.ndarray                # (N,) int64 byte size of the image member
-    label: np.ndarray               # (N,) int64 class index; -1 until read (remote shards without a table)
-    remote: bool
+    label: np.ndarray               # (N,) int64 class index; -1 until read (streamed shards without a table)
+    access: str                     # LOCAL, RANGED or STREAM: how the samples are read
     classes: list[str] = field(default_factory=list)
     keys: np.ndarray | None = None  # (N,) bytes: sample keys, for messages
     cls_offset: np.ndarray | None = None  # (N, 2) offset and size of the .cls member (-1: none)
@@ -47,6 +58,16 @@ class SampleTable:
 
     def __len__(self) -> int:
         return len(self.shard)
+
+    @property
+    def streamed(self) -> bool:
+        """Shards are read whole and in order (http): train streams through a shuffle buffer."""
+        return self.access == STREAM
+
+    @property
+    def ranged(self) -> bool:
+        """Samples are read by range requests from an object store."""
+        return self.access == RANGED
 
     @property
     def shard_starts(self) -> np.ndarray:
@@ -101,11 +122,29 @@ def resolve_remote(manifest_url: str, name: str, origin: str) -> str:
     return url
 
 
-def _load_index(url: str, remote: bool) -> list[fmt.IndexEntry]:
-    """The DALI index beside a shard (fetched for remote shards; built from the tar if absent)."""
+def resolve_object(manifest_url: str, name: str, origin: str) -> str:
+    """A manifest's shard name as a URL in the manifest's bucket, under the manifest's prefix."""
+    norm = _check_name(name, origin)
+    folder = manifest_url.rsplit("/", 1)[0] + "/"
+    url = folder + norm
+    if objstore.split_url(url)[:2] != objstore.split_url(manifest_url)[:2] or not url.startswith(folder):
+        raise ManifestError(f"{origin}: shard name {name!r} resolves outside {folder}; refused")
+    return url
+
+
+def manifest_url(spec: str) -> str:
+    """The manifest of an object store dataset, given as its prefix or as the manifest itself."""
+    if posixpath.basename(spec) == fmt.MANIFEST_NAME:
+        return spec
+    return spec.rstrip("/") + "/" + fmt.MANIFEST_NAME
+
+
+def _load_index(url: str, access: str) -> list[fmt.IndexEntry]:
+    """The DALI index beside a local or streamed shard (fetched for streamed shards; built from
+    the tar if a local one has none)."""
     idx = fmt.index_name(url)
     try:
-        if remote:
+        if access == STREAM:
             try:
                 return fmt.parse_index(http_get(idx).decode(), idx)
             except OSError as e:
@@ -117,7 +156,27 @@ def _load_index(url: str, remote: bool) -> list[fmt.IndexEntry]:
         raise ShardError(f"shard {url}: unreadable index ({e})") from None
 
 
-def _build(split: str, urls: list[str], indexes: list[list[fmt.IndexEntry]], remote: bool, classes: list[str],
+def _load_indexes(urls: list[str], access: str) -> list[list[fmt.IndexEntry]]:
+    """Every shard's index; an object store's are fetched concurrently."""
+    if access != RANGED:
+        return [_load_index(u, access) for u in urls]
+    names = [fmt.index_name(u) for u in urls]
+    try:
+        texts = objstore.get_many(names)
+    except objstore.ObjectNotFound as e:
+        raise ShardError(f"{e}: shards in object storage need their {fmt.INDEX_SUFFIX} beside them") from None
+    except objstore.ObjectStoreError as e:
+        raise ShardError(f"shard index: {e}") from None
+    out = []
+    for url, idx, text in zip(urls, names, texts):
+        try:
+            out.append(fmt.parse_index(text.decode(), idx))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ShardError(f"shard {url}: unreadable index ({e})") from None
+    return out
+
+
+def _build(split: str, urls: list[str], indexes: list[list[fmt.IndexEntry]], access: str, classes: list[str],
            labels: list[list[int] | None]) -> SampleTable:
     shard, offset, size, keys, cls_off, label = [], [], [], [], [], []
     for s, (url, entries) in enumerate(zip(urls, indexes)):
@@ -133,28 +192,56 @@ def _build(split: str, urls: list[str], indexes: list[list[fmt.IndexEntry]], rem
             cls_off.append(members.get(fmt.LABEL_EXT, (-1, 0)))
         label.extend(labels[s] if labels[s] is not None else [-1] * len(entries))
     n = len(shard)
-    return SampleTable(urls, [len(e) for e in indexes], np.asarray(shard, np.int32), np.asarray(offset, np.int64),
-                       np.asarray(size, np.int64), np.asarray(label, np.int64), remote, classes,
-                       np.asarray(keys, dtype="S") if n else np.zeros(0, "S1"),
-                       np.asarray(cls_off, np.int64).reshape(n, 2), split)
+    table = SampleTable(urls, [len(e) for e in indexes], np.asarray(shard, np.int32), np.asarray(offset, np.int64),
+                        np.asarray(size, np.int64), np.asarray(label, np.int64), access, classes,
+                        np.asarray(keys, dtype="S") if n else np.zeros(0, "S1"),
+                        np.asarray(cls_off, np.int64).reshape(n, 2), split)
+    if access == LOCAL:
+        _read_local_labels(table)  # version 1 manifests and foreign shards carry no label table
+    elif access == RANGED:
+        _read_ranged_labels(table)
+    return table  # streamed shards: their .cls members are read from the stream
+
+
+def _unlabelled(table: SampleTable) -> np.ndarray:
+    """Rows still without a label; a missing .cls member among them is an error naming it."""
+    rows = np.flatnonzero(table.label < 0)
+    for r in rows[table.cls_offset[rows, 0] < 0][:1]:
+        url = table.urls[table.shard[r]]
+        raise ShardError(f"{url}: sample {table.key(int(r))!r} has no .{fmt.LABEL_EXT} member")
+    return rows
+
+
+def _set_label(table: SampleTable, row: int, data) -> None:
+    try:
+        table.label[row] = fmt.decode_label(data)
+    except ValueError as e:
+        raise ShardError(f"{table.urls[table.shard[row]]}: sample {table.key(row)!r}: {e}") from None
 
 
 def _read_local_labels(table: SampleTable) -> None:
     """Labels the manifest does not carry: read from the .cls members through mmap."""
-    starts = table.shard_starts
-    for s, url in enumerate(table.urls):
-        rows = range(starts[s], starts[s + 1])
-        if not len(rows) or (table.label[rows.start:rows.stop] >= 0).all():
-            continue
+    rows = _unlabelled(table)
+    for s in np.unique(table.shard[rows]).tolist():
+        url = table.urls[s]
         with open(url, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            for r in rows:
+            for r in rows[table.shard[rows] == s].tolist():
                 off, n = table.cls_offset[r]
-                if off < 0:
-                    raise ShardError(f"{url}: sample {table.key(r)!r} has no .{fmt.LABEL_EXT} member")
-                try:
-                    table.label[r] = fmt.decode_label(mm[off:off + n])
-                except ValueError as e:
-                    raise ShardError(f"{url}: sample {table.key(r)!r}: {e}") from None
+                _set_label(table, r, mm[off:off + n])
+
+
+def _read_ranged_labels(table: SampleTable) -> None:
+    """Labels the manifest does not carry: the .cls members, read by range requests."""
+    rows = _unlabelled(table)
+    if not len(rows):
+        return
+    off, n = table.cls_offset[rows, 0], table.cls_offset[rows, 1]
+    try:
+        blobs = objstore.read_ranges([table.urls[s] for s in table.shard[rows]], off, off + n)
+    except objstore.ObjectStoreError as e:
+        raise ShardError(f"shard {e}") from None
+    for r, data in zip(rows.tolist(), blobs):
+        _set_label(table, r, data)
 
 
 def _check_local_shards(paths: list[Path], entries: list[dict] | None) -> None:
@@ -167,10 +254,38 @@ def _check_local_shards(paths: list[Path], entries: list[dict] | None) -> None:
                 raise ShardError(f"shard {p} is truncated or altered: {have} bytes, manifest says {want}")
 
 
+def _check_object_shards(urls: list[str], entries: list[dict] | None) -> None:
+    """Every shard and its index exist, at the manifest's size: one listing per folder. Without
+    permission to list, the reads themselves name a missing object."""
+    listings: dict[str, dict[str, int] | None] = {}
+    for i, url in enumerate(urls):
+        folder, name = url.rsplit("/", 1)
+        if folder not in listings:
+            try:
+                listings[folder] = objstore.listdir(folder)
+            except objstore.ObjectAccessDenied:
+                listings[folder] = None
+            except objstore.ObjectStoreError as e:
+                raise ShardError(f"shards {folder}/: cannot be listed ({e})") from None
+        listing = listings[folder]
+        if listing is None:
+            continue
+        for obj in (name, fmt.index_name(name)):
+            if obj not in listing:
+                raise ShardError(f"{'shard' if obj == name else 'shard index'} {folder}/{obj} is missing")
+        if entries is not None and "bytes" in entries[i] and listing[name] != entries[i]["bytes"]:
+            raise ShardError(f"shard {url} is truncated or altered: {listing[name]} bytes, manifest says "
+                             f"{entries[i]['bytes']}")
+
+
 def _check_counts(urls, entries: list[dict], indexes) -> None:
     for u, e, idx in zip(urls, entries, indexes):
         if len(idx) != e["samples"]:
             raise ShardError(f"shard {u}: index lists {len(idx)} samples, manifest says {e['samples']}")
+
+
+def _is_pattern(spec: str) -> bool:
+    return "{" in spec or spec.endswith(fmt.TAR_SUFFIX)
 
 
 def open_split(shards: str | os.PathLike, split: str) -> SampleTable:
@@ -178,14 +293,23 @@ def open_split(shards: str | os.PathLike, split: str) -> SampleTable:
     spec = str(shards)
     if spec.startswith("pipe:"):
         raise ShardError(f"shards {spec!r}: pipe: sources are not supported")
+    if objstore.is_object_url(spec) and not _is_pattern(spec):
+        origin = manifest_url(spec)
+        manifest = _object_manifest(origin)
+        entries = fmt.split_shards(manifest, split, origin)
+        urls = [resolve_object(origin, e["name"], origin) for e in entries]
+        _check_object_shards(urls, entries)
+        indexes = _load_indexes(urls, RANGED)
+        _check_counts(urls, entries, indexes)
+        return _build(split, urls, indexes, RANGED, manifest["classes"], [e.get("labels") for e in entries])
     if is_url(spec) and spec.endswith(".json"):
         manifest = fmt.parse_manifest(http_get(spec), spec)
         entries = fmt.split_shards(manifest, split, spec)
         urls = [resolve_remote(spec, e["name"], spec) for e in entries]
-        indexes = [_load_index(u, True) for u in urls]
+        indexes = _load_indexes(urls, STREAM)
         _check_counts(urls, entries, indexes)
-        return _build(split, urls, indexes, True, manifest["classes"], [e.get("labels") for e in entries])
-    if is_url(spec) or "{" in spec or spec.endswith(fmt.TAR_SUFFIX):
+        return _build(split, urls, indexes, STREAM, manifest["classes"], [e.get("labels") for e in entries])
+    if is_url(spec) or objstore.is_object_url(spec) or _is_pattern(spec):
         return _open_pattern(spec, split)
     folder = _local_folder(spec)
     manifest = fmt.load_manifest(folder)
@@ -193,25 +317,40 @@ def open_split(shards: str | os.PathLike, split: str) -> SampleTable:
     entries = fmt.split_shards(manifest, split, origin)
     paths = [resolve_local(folder, e["name"], origin) for e in entries]
     _check_local_shards(paths, entries)
-    indexes = [_load_index(str(p), False) for p in paths]
+    indexes = _load_indexes([str(p) for p in paths], LOCAL)
     _check_counts(paths, entries, indexes)
-    table = _build(split, [str(p) for p in paths], indexes, False, manifest["classes"],
-                   [e.get("labels") for e in entries])
-    _read_local_labels(table)  # version 1 manifests carry no label table
-    return table
+    return _build(split, [str(p) for p in paths], indexes, LOCAL, manifest["classes"],
+                  [e.get("labels") for e in entries])
 
 
 def read_manifest(shards: str | os.PathLike) -> dict | None:
-    """The manifest behind `shards`: the folder's, the URL itself, or the one beside a pattern's
-    first shard; None when there is none (foreign shards)."""
+    """The manifest behind `shards`: the folder's, the URL itself, the one under an object store
+    prefix, or the one beside a pattern's first shard; None when there is none (foreign shards)."""
     spec = str(shards)
+    if objstore.is_object_url(spec) and not _is_pattern(spec):
+        return _object_manifest(manifest_url(spec))
     if is_url(spec) and spec.endswith(".json"):
         return fmt.parse_manifest(http_get(spec), spec)
-    if is_url(spec) or "{" in spec or spec.endswith(fmt.TAR_SUFFIX):
+    if is_url(spec) or objstore.is_object_url(spec) or _is_pattern(spec):
         from braceexpand import braceexpand
 
-        return _manifest_beside(next(iter(braceexpand(spec))), is_url(spec))[0]
+        first = next(iter(braceexpand(spec)))
+        return _manifest_beside(first, _access_of(first))[0]
     return fmt.load_manifest(_local_folder(spec))
+
+
+def _access_of(url: str) -> str:
+    return RANGED if objstore.is_object_url(url) else STREAM if is_url(url) else LOCAL
+
+
+def _object_manifest(url: str) -> dict:
+    try:
+        return fmt.parse_manifest(objstore.get(url), url)
+    except objstore.ObjectNotFound:
+        raise ManifestError(f"{url}: no manifest (convert the dataset first, or give a pattern of its "
+                            f"{fmt.TAR_SUFFIX} files)") from None
+    except objstore.ObjectStoreError as e:
+        raise ShardError(f"manifest {e}") from None
 
 
 def _local_folder(spec: str) -> Path:
@@ -224,9 +363,9 @@ def _local_folder(spec: str) -> Path:
     return folder
 
 
-def _manifest_beside(url: str, remote: bool) -> tuple[dict | None, str]:
+def _manifest_beside(url: str, access: str) -> tuple[dict | None, str]:
     """The manifest in a shard's folder, if there is one."""
-    if remote:
+    if access == STREAM:
         origin = urljoin(url, fmt.MANIFEST_NAME)
         try:
             return fmt.parse_manifest(http_get(origin), origin), origin
@@ -234,6 +373,14 @@ def _manifest_beside(url: str, remote: bool) -> tuple[dict | None, str]:
             if e.status in (403, 404, 410):
                 return None, origin
             raise
+    if access == RANGED:
+        origin = url.rsplit("/", 1)[0] + "/" + fmt.MANIFEST_NAME
+        try:
+            return fmt.parse_manifest(objstore.get(origin), origin), origin
+        except (objstore.ObjectNotFound, objstore.ObjectAccessDenied):
+            return None, origin
+        except objstore.ObjectStoreError as e:
+            raise ShardError(f"manifest {e}") from None
     path = Path(url).parent / fmt.MANIFEST_NAME
     return (fmt.load_manifest(path), str(path)) if path.is_file() else (None, str(path))
 
@@ -241,14 +388,16 @@ def _manifest_beside(url: str, remote: bool) -> tuple[dict | None, str]:
 def _open_pattern(spec: str, split: str) -> SampleTable:
     from braceexpand import braceexpand
 
-    remote = is_url(spec)
     urls = list(braceexpand(spec))
+    access = _access_of(spec)
+    if any(_access_of(u) != access for u in urls):
+        raise ShardError(f"shards {spec}: a pattern must name shards of one kind (files, http or one object store)")
     manifests: dict[str, tuple[dict | None, str]] = {}
     classes, labels, described = [], [], []
     for u in urls:
         folder = posixpath.dirname(u)
         if folder not in manifests:
-            manifests[folder] = _manifest_beside(u, remote)
+            manifests[folder] = _manifest_beside(u, access)
         manifest, origin = manifests[folder]
         name = posixpath.basename(u)
         if manifest is None:
@@ -269,12 +418,11 @@ def _open_pattern(spec: str, split: str) -> SampleTable:
             raise ShardError(f"shards {spec}: their manifests list different classes")
         classes = manifest["classes"]
     described = described if len(described) == len(urls) else None
-    if not remote:
+    if access == LOCAL:
         _check_local_shards([Path(u) for u in urls], described)
-    indexes = [_load_index(u, remote) for u in urls]
+    elif access == RANGED:
+        _check_object_shards(urls, described)
+    indexes = _load_indexes(urls, access)
     if described is not None:
         _check_counts(urls, described, indexes)
-    table = _build(split, urls, indexes, remote, classes, labels)
-    if not remote:
-        _read_local_labels(table)
-    return table
+    return _build(split, urls, indexes, access, classes, labels)

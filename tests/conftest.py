@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from convert.synthetic import SyntheticConfig, generate  # noqa: E402
+from s3_server import CLEARED_ENV, FaultProxy, MotoServer, env_for, server_environment  # noqa: E402
 
 
 def jpeg_bytes(rgb=(200, 40, 30), size=(40, 30), mode="RGB", **save) -> bytes:
@@ -253,3 +255,81 @@ def run_cli(module: str, *args, **kw):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
                           env=env, cwd=ROOT, **kw)
+
+
+# -- object storage: moto's S3 server on loopback (tests/s3_server.py) ---------------------------
+
+_bucket_ids = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server, in a subprocess on a free loopback port, for the whole session."""
+    server = MotoServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """Point the standard credential chain (dummy keys) and AWS_ENDPOINT_URL at the test server,
+    in os.environ, so loader workers and subprocesses inherit them. Returns the server."""
+    for k in CLEARED_ENV:
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env_for(s3_server.endpoint).items():
+        monkeypatch.setenv(k, v)
+    return s3_server
+
+
+def new_bucket() -> str:
+    """Create a bucket with a new name on the server the environment points at: `s3://NAME`."""
+    from pipeline import objstore
+
+    name = f"test-bucket-{next(_bucket_ids)}"
+    objstore.filesystem(f"s3://{name}").mkdir(name)
+    return f"s3://{name}"
+
+
+@pytest.fixture
+def s3_bucket(s3_env) -> str:
+    """A new, empty bucket for this test: `s3://test-bucket-N`."""
+    return new_bucket()
+
+
+@pytest.fixture
+def s3_proxy(s3_env, monkeypatch):
+    """A fault-injecting proxy (s3_server.FaultProxy) in front of the server, AWS_ENDPOINT_URL
+    pointing at it; call `.cut(n)` / `.fail(n)` to inject faults."""
+    proxy = FaultProxy(("127.0.0.1", s3_env.port))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    yield proxy
+    proxy.close()
+
+
+def upload_folder(folder: Path, url: str) -> None:
+    """Upload every file of a local folder (not recursing) under the prefix `url`."""
+    from pipeline import objstore
+
+    for p in sorted(folder.iterdir()):
+        if p.is_file():
+            objstore.put_file(p, f"{url}/{p.name}")
+
+
+def uploaded(server: MotoServer, folder: Path) -> str:
+    """A converted dataset copied to a new bucket, under the prefix `ds`: its URL."""
+    with server_environment(server.endpoint):
+        url = f"{new_bucket()}/ds"
+        upload_folder(folder, url)
+    return url
+
+
+@pytest.fixture(scope="session")
+def s3_colour_shards(s3_server, colour_shards) -> str:
+    """colour_shards in a bucket (`s3://.../ds`); read it under the `s3_env` fixture."""
+    return uploaded(s3_server, colour_shards)
+
+
+@pytest.fixture(scope="session")
+def s3_cifar_shards(s3_server, cifar_shards) -> str:
+    """cifar_shards in a bucket (`s3://.../ds`); read it under the `s3_env` fixture."""
+    return uploaded(s3_server, cifar_shards)

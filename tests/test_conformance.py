@@ -3,7 +3,9 @@ checks (pipeline/contract.py) on an ImageNet-like dataset (JPEGs of many sizes, 
 and a CIFAR-10-format one (32 x 32 PNGs, padded RandomCrop, val split "test"). nvjpeg runs with
 torchvision's CPU decoder and the Triton kernel's reference, dali in DALI's CPU-only mode, so all
 of them run here and in CI. The resident backend only crops, so it takes the CIFAR dataset and
-refuses the ImageNet one (tested below)."""
+refuses the ImageNet one (tested below). A copy of each dataset in a bucket (moto's S3 server on
+loopback), read by range requests ("-s3" in a test id), must give every backend the batches of
+the local copy, resume exactly and replace damaged samples alike."""
 from __future__ import annotations
 
 import hashlib
@@ -13,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CLASS_COLOURS, assert_resumes_exactly, collect, rewrite_shard
+from conftest import CLASS_COLOURS, assert_resumes_exactly, collect, new_bucket, rewrite_shard, upload_folder
 from pipeline import BACKENDS, BatchLoader, LoaderStats, create_loader
 from pipeline.shard_format import load_manifest
 
@@ -25,8 +27,9 @@ TRAIN, VAL = 60, 18  # both datasets: 6 colour classes, 10 train and 3 val image
 class Dataset:
     """One of the two datasets, with the loader options its recipe uses."""
 
-    def __init__(self, name: str, shards, corrupt=None):
-        self.name, self.shards, self.corrupt = name, shards, corrupt
+    def __init__(self, name: str, local, shards=None, source: str = "local"):
+        # `local`: the converted folder; `shards`: what the loaders read (it, or its bucket copy)
+        self.name, self.local, self.shards, self.source = name, local, shards or local, source
         cifar = name == "cifar"
         self.val = "test" if cifar else "val"
         self.options = {"crop": "padded", "image_size": 32} if cifar else {"image_size": 24}
@@ -34,15 +37,25 @@ class Dataset:
         self.classes = 10 if cifar else 6  # CIFAR-10's names, six of them used
 
 
-def combos(backends):
-    return [pytest.param(b, d, id=f"{b}-{d}") for b in backends for d in ("imagenet", "cifar")
-            if not (b == "resident" and d == "imagenet")]
+def combos(backends, sources=("local",)):
+    """(backend, dataset) pairs; a dataset read from the bucket copy is named "<dataset>-s3"."""
+    named = lambda d, src: d if src == "local" else f"{d}-{src}"  # noqa: E731
+    return [pytest.param(b, named(d, src), id=f"{b}-{named(d, src)}") for src in sources for b in backends
+            for d in ("imagenet", "cifar") if not (b == "resident" and d == "imagenet")]
+
+
+BOTH = ("local", "s3")
 
 
 @pytest.fixture
 def ds(request, colour_shards, cifar_shards) -> Dataset:
-    name = request.node.callspec.params["dataset"]
-    return Dataset(name, colour_shards if name == "imagenet" else cifar_shards)
+    name, _, source = request.node.callspec.params["dataset"].partition("-")
+    local = colour_shards if name == "imagenet" else cifar_shards
+    if source == "s3":  # the server starts only for tests that read from it
+        request.getfixturevalue("s3_env")
+        return Dataset(name, local, request.getfixturevalue(f"s3_{'colour' if name == 'imagenet' else 'cifar'}_shards"),
+                       "s3")
+    return Dataset(name, local)
 
 
 def _needs(backend):
@@ -147,7 +160,7 @@ def test_set_epoch_selects_the_epoch_whatever_came_before(ds, backend, dataset):
     assert digests(got) == digests(direct)
 
 
-@pytest.mark.parametrize("backend,dataset", combos(ALL_BACKENDS))
+@pytest.mark.parametrize("backend,dataset", combos(ALL_BACKENDS, BOTH))
 def test_mid_epoch_resume_with_batches_in_flight(ds, backend, dataset):
     def make_loader():
         loader = make(ds, backend, normalize=False, prefetch=3)  # several batches decoding ahead
@@ -193,16 +206,20 @@ def test_two_ranks_equal_steps_and_val_exactly_once(ds, backend, dataset):
     assert not a & b  # disjoint train slices
 
 
-@pytest.mark.parametrize("backend,dataset", combos(DATA_BACKENDS))
+@pytest.mark.parametrize("backend,dataset", combos(DATA_BACKENDS, BOTH))
 def test_corrupt_sample_is_counted_replaced_and_the_batch_keeps_its_size(ds, backend, dataset, tmp_path):
     path, bad = damaged_copy(ds, tmp_path)
+    local = path
+    if ds.source == "s3":  # the same damage, in a bucket
+        path = f"{new_bucket()}/damaged"
+        upload_folder(local, path)
     loader = make(ds, backend, shards=path, batch_size=6, normalize=False, drop_last=False)
     got = collect(loader)
     assert [len(y) for _, y in got] == [6] * 10
     assert set(loader.stats.corrupt_keys) == bad and loader.stats.corrupt == len(bad)
     for x, y in got:
         assert np.array_equal(colour_of(x), y.numpy())  # a stand-in brings its own label
-    cpu = collect(make(ds, "cpu", shards=path, batch_size=6, normalize=False, drop_last=False))
+    cpu = collect(make(ds, "cpu", shards=local, batch_size=6, normalize=False, drop_last=False))
     for (_, y1), (_, y2) in zip(got, cpu):
         assert torch.equal(y1, y2)  # the same stand-ins in every backend
 
@@ -215,13 +232,27 @@ def test_state_is_plain_data(ds, backend, dataset):
     assert json.loads(json.dumps(state)) == state
 
 
+@pytest.mark.parametrize("backend,dataset", combos(DATA_BACKENDS, ("s3",)))
+def test_a_bucket_copy_gives_the_batches_of_the_local_copy(ds, backend, dataset):
+    """Read by range requests, train keeps its full per-epoch permutation: the same samples, crops
+    and pixels as the local copy, in train and in val."""
+    for split in ("train", "val"):
+        remote = make(ds, backend, split=split, normalize=False)
+        mine = make(ds, backend, shards=ds.local, split=split, normalize=False)
+        assert remote.table.ranged and not mine.table.ranged
+        assert [b.tolist() for b in remote.batch_sample_ids()] == [b.tolist() for b in mine.batch_sample_ids()]
+        a, b = collect(remote), collect(mine)
+        assert len(a) == len(b) > 0
+        assert digests(a) == digests(b) and all(torch.equal(x[1], y[1]) for x, y in zip(a, b))
+
+
 def damaged_copy(ds: Dataset, tmp_path) -> tuple:
-    """A copy of the dataset with four damaged image members: three without a header, one cut
-    right after its header (every decoder reads the header, then fails)."""
+    """A local copy of the dataset with four damaged image members: three without a header, one
+    cut right after its header (every decoder reads the header, then fails)."""
     import shutil
 
     out = tmp_path / "damaged"
-    shutil.copytree(ds.shards, out)
+    shutil.copytree(ds.local, out)
     ext = "png" if ds.name == "cifar" else "jpg"
     keep = {"png": 33, "jpg": None}[ext]  # PNG: signature and IHDR; JPEG: up to its scan
 

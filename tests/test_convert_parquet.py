@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import collect, jpeg_bytes, png_bytes, run_cli
-from convert import runner
+from convert import parquet_to_shards, runner
 from convert.parquet_to_shards import convert, main
 from convert.runner import ConvertError
 from pipeline.shard_format import load_manifest, read_index
@@ -193,9 +193,15 @@ def test_rows_are_read_one_row_group_at_a_time(hub_imagenet, tmp_path, monkeypat
     monkeypatch.setattr(pq.ParquetFile, "read_row_group", counting)
     monkeypatch.setattr(pq.ParquetFile, "read", whole_file)
     monkeypatch.setattr(pq.ParquetFile, "iter_batches", whole_file)
+    # These 40 x 32 images are CIFAR-like, so the recipe-hint scan reads train once more first.
+    convert(src, tmp_path / "hinted", shard_size_mb=0.004, workers=1, progress=False)
+    train = {k: v for k, v in reads.items() if k[0].startswith("train")}
+    assert len(train) == 6 and set(train.values()) == {2}
+    reads.clear()
+    monkeypatch.setattr(parquet_to_shards, "STATS_MAX_SIDE", 16)  # as for ImageNet: no hint, one image read
     convert(src, tmp_path / "out", shard_size_mb=0.004, workers=1, progress=False)
     train = {k: v for k, v in reads.items() if k[0].startswith("train")}
-    assert len(train) == 6 and set(train.values()) == {1}
+    assert len(train) == 6 and sorted(train.values()) == [1, 1, 1, 1, 1, 2]
     val = {k: v for k, v in reads.items() if k[0].startswith("validation")}
     assert len(val) == 3 and max(val.values()) <= 2
 

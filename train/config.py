@@ -26,8 +26,8 @@ def opt(*flags: str, help: str, **kw):
 @dataclass
 class TrainConfig:
     # -- the seed's flags ------------------------------------------------------------------
-    shards: str | None = opt("--shards", "--data", help="shard folder (manifest.json), manifest URL or tar pattern",
-                             default=None)
+    shards: str | None = opt("--shards", "--data", default=None,
+                             help="shard folder (manifest.json), manifest URL, s3://bucket/prefix or tar pattern")
     arch: str = opt("-a", "--arch", help="any torchvision ResNet", default="resnet152")
     workers: int = opt("-j", "--workers", help="loader workers per process", default=min(8, os.cpu_count() or 1))
     epochs: int = opt("--epochs", "--epoch", help="total epochs", default=90)
