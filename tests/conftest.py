@@ -333,3 +333,14 @@ def s3_colour_shards(s3_server, colour_shards) -> str:
 def s3_cifar_shards(s3_server, cifar_shards) -> str:
     """cifar_shards in a bucket (`s3://.../ds`); read it under the `s3_env` fixture."""
     return uploaded(s3_server, cifar_shards)
+
+
+def bucket_files(url: str) -> dict[str, bytes]:
+    """Every object under `url` (one level), by name."""
+    from pipeline import objstore
+
+    return {name: objstore.get(f"{url}/{name}") for name in objstore.listdir(url)}
+
+
+def folder_files(folder) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file()}

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from conftest import collect, jpeg_bytes, png_bytes, run_cli
+from conftest import bucket_files, collect, folder_files, jpeg_bytes, new_bucket, png_bytes, run_cli
 from convert import parquet_to_shards, runner
 from convert.parquet_to_shards import convert, main
 from convert.runner import ConvertError
@@ -378,3 +378,14 @@ def test_without_pyarrow_the_cli_names_the_package(tmp_path, capsys, monkeypatch
     rc = main(["--src", str(tmp_path), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.count("\n") == 0 and "pip install pyarrow" in err
+
+
+def test_converts_straight_to_a_bucket(s3_env, tmp_path):
+    """--out s3://...: the same bytes as a local conversion, manifest (with its recipe hints) included."""
+    cifar_file(tmp_path / "src" / "plain_text" / "train-00000-of-00001.parquet", 30, 1, False)
+    convert(tmp_path / "src", tmp_path / "local", workers=1, keep_png=True, progress=False)
+    url = f"{new_bucket()}/cifar"
+    r = run_cli("convert.parquet_to_shards", "--src", tmp_path / "src", "--out", url, "--staging", tmp_path / "staging",
+                "--keep-png", "--workers", 1, "--no-progress", timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert bucket_files(url) == folder_files(tmp_path / "local")

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_resumes_exactly, collect, make_colour_folder, new_bucket, run_cli, upload_folder, \
-    write_cifar10
+from conftest import assert_resumes_exactly, bucket_files, collect, folder_files, make_colour_folder, new_bucket, \
+    run_cli, upload_folder, write_cifar10
 from pipeline import ManifestError, ShardError, create_loader, objstore, plan
 from pipeline.shard_format import MANIFEST_NAME, index_name, load_manifest
 from pipeline.source import RANGED, open_split
@@ -176,14 +176,6 @@ def test_brace_patterns_and_foreign_shards_in_a_bucket(s3_env, s3_colour_shards,
 
 
 # -- the converters --------------------------------------------------------------------------------
-
-def bucket_files(url: str) -> dict[str, bytes]:
-    return {name: objstore.get(f"{url}/{name}") for name in objstore.listdir(url)}
-
-
-def folder_files(folder) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
-
 
 class UploadLog:
     """Records uploads (and whether the bucket had a manifest then); can stop at one, as a killed
