@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, assert_resumes_exactly, collect
+from conftest import ROOT, assert_resumes_exactly, collect, descendants, proc_state
 from pipeline.shard_format import ManifestError, load_manifest
 from pipeline import create_loader
 from pipeline.http import HTTPReadError, http_get
@@ -433,28 +433,6 @@ time.sleep(600)
 """
 
 
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state, parent pid) of a process, None once it is gone (a zombie counts as gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return None if fields[0] in "ZX" else (fields[0], int(fields[1]))
-
-
-def descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit() and (st := _proc_stat(int(d.name))) is not None:
-            children.setdefault(st[1], []).append(int(d.name))
-    out, todo = set(), [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.add(c)
-            todo.append(c)
-    return out
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 @pytest.mark.parametrize("start_method,how", [("fork", "main"), ("forkserver", "main"), ("fork", "thread")])
 def test_loader_workers_die_with_their_owner(colour_shards, start_method, how):
@@ -468,18 +446,18 @@ def test_loader_workers_die_with_their_owner(colour_shards, start_method, how):
         workers = [int(x) for x in owner.stdout.readline().split()]
         family = descendants(owner.pid)  # the workers, and the fork server and resource tracker if any
         assert len(workers) == 2 and set(workers) <= family, (workers, family)
-        assert all(_proc_stat(p) is not None for p in workers)  # alive, also after the starting thread ended
+        assert all(proc_state(p) is not None for p in workers)  # alive, also after the starting thread ended
         owner.send_signal(signal.SIGKILL)
         owner.wait()
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(_proc_stat(p) is not None for p in family):
+        while time.monotonic() < deadline and any(proc_state(p) is not None for p in family):
             time.sleep(0.05)
-        left = {p: Path(f"/proc/{p}/cmdline").read_bytes()[:80] for p in family if _proc_stat(p) is not None}
+        left = {p: Path(f"/proc/{p}/cmdline").read_bytes()[:80] for p in family if proc_state(p) is not None}
         assert not left, f"outlived their SIGKILLed owner: {left}"
     finally:
         owner.kill()
         for p in family:
-            if _proc_stat(p) is not None:
+            if proc_state(p) is not None:
                 os.kill(p, signal.SIGKILL)
 
 
