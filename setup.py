@@ -59,10 +59,12 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=7", "matplotlib>=3.7", "scikit-image>=0.19", "atheris>=2.3; sys_platform == 'linux'"],
+        "test": ["pytest>=7", "matplotlib>=3.7", "scikit-image>=0.19", "atheris>=2.3; sys_platform == 'linux'",
+                 "tensorboard"],
         "bench": ["matplotlib>=3.7", "scikit-image>=0.19"],  # photos for benchmarks.photos
         "dali": ["nvidia-dali-cuda130"],
         "npu": ["torch_npu"],
+        "tensorboard": ["tensorboard"],  # train.run --tensorboard
         # pillow-simd must replace Pillow, not sit beside it, and builds from source with AVX2:
         #   pip uninstall -y pillow && CC="cc -mavx2" pip install --no-binary :all: pillow-simd
         # (README, "Faster CPU decode"). This extra installs nothing so it cannot break PIL.
