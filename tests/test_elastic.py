@@ -239,3 +239,15 @@ def test_resume_auto_is_the_default_under_torchrun_only(monkeypatch):
     assert parse_args(["--shards", "x", "--device", "cpu"])[0].resume == "auto"
     assert parse_args(["--shards", "x", "--device", "cpu", "--resume", ""])[0].resume == ""
     assert parse_args(["--shards", "x", "--device", "cpu", "--resume", "c.pth.tar"])[0].resume == "c.pth.tar"
+
+
+def test_restarts_over_a_shared_torchrun_store_are_warned_about(monkeypatch):
+    from train.run import torchrun_restart_hazard
+
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")
+    assert torchrun_restart_hazard() is None  # no restart, no hazard
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in torchrun_restart_hazard()
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # what that variable makes torchrun set
+    assert torchrun_restart_hazard() is None
