@@ -60,13 +60,15 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "matplotlib>=3.7", "scikit-image>=0.19", "atheris>=2.3; sys_platform == 'linux'",
-                 "pyarrow>=12", "s3fs>=2024.2", "moto[server]>=5.0"],  # S3 tests: moto's server on loopback
+                 "pyarrow>=12", "s3fs>=2024.2", "moto[server]>=5.0",  # S3 tests: moto's server on loopback
+                 "tensorboard"],
         "bench": ["matplotlib>=3.7", "scikit-image>=0.19"],  # photos for benchmarks.photos
         "parquet": ["pyarrow>=12"],  # convert.parquet_to_shards: the Hugging Face hub's parquet files
         "dali": ["nvidia-dali-cuda130"],
         "s3": ["s3fs>=2024.2"],    # shards and conversions in s3:// buckets (and S3-compatible stores)
         "gcs": ["gcsfs>=2024.2"],  # gs:// buckets
         "npu": ["torch_npu"],
+        "tensorboard": ["tensorboard"],  # train.run --tensorboard
         # pillow-simd must replace Pillow, not sit beside it, and builds from source with AVX2:
         #   pip uninstall -y pillow && CC="cc -mavx2" pip install --no-binary :all: pillow-simd
         # (README, "Faster CPU decode"). This extra installs nothing so it cannot break PIL.

@@ -7,14 +7,19 @@ boundary; pixels never do.
 
 The main process never blocks on a dead worker: it waits on the result queue with a timeout
 and checks every worker's exit code in between, so a worker killed by the OOM killer or a
-segfault raises a clear error naming it instead of hanging.
+segfault raises a clear error naming it instead of hanging. Nor does a worker outlive its
+owner: when the owner dies, even by SIGKILL, its workers exit within moments (`_exit_with`).
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import queue
+import select
 import signal
+import sys
 import threading
+import time
 import traceback
 
 import torch
@@ -40,7 +45,66 @@ def _serve(decoder: BatchDecoder, images: torch.Tensor, labels: torch.Tensor, ta
             results.put((token, seq, slot, None, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
 
 
-def _process_main(decoder, images, labels, tasks, results) -> None:
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+OWNER_POLL_S = 0.5  # how often the watchdog checks an owner it cannot wait on
+
+
+def _exit_with(owner: int, pdeathsig: bool) -> None:
+    """Make this worker exit when `owner`, the process whose pool started it, dies, however it dies.
+
+    A worker waits on the task queue forever: once its owner is SIGKILLed (a rank that torchrun's
+    agent or the OOM killer ends) it would live on, reparented to init, and each elastic restart
+    would leak a set of workers and their memory. On Linux the kernel kills a worker whose parent
+    dies (PR_SET_PDEATHSIG; `pdeathsig` is False when the parent is a thread that may end before
+    the owner does). That covers fork and spawn, not forkserver: there the parent is the fork
+    server, which outlives the owner for as long as any worker holds its liveness pipe, so they
+    would keep each other alive. A watchdog thread therefore also waits on the owner itself.
+    """
+    parent = os.getppid()
+    if pdeathsig and sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # the watchdog below still covers it
+    if not _alive(owner):
+        os._exit(1)  # the owner died before the death signal was armed
+    threading.Thread(target=_watch_owner, args=(owner, parent), name="owner-watchdog", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
+
+
+def _watch_owner(owner: int, parent: int) -> None:
+    """Exit the process when the owner exits (a pidfd turns readable then, on Linux >= 5.3; a
+    zombie owner counts as dead) or this worker is reparented. Polls where there is no pidfd."""
+    pidfd = None
+    if hasattr(os, "pidfd_open"):
+        try:
+            pidfd = os.pidfd_open(owner)
+        except ProcessLookupError:
+            os._exit(1)
+        except OSError:
+            pidfd = None  # a kernel without pidfds: poll
+    while True:
+        if pidfd is not None:
+            if select.select([pidfd], [], [], OWNER_POLL_S)[0]:
+                os._exit(1)
+        else:
+            time.sleep(OWNER_POLL_S)
+        if os.getppid() != parent or not _alive(owner):
+            os._exit(1)
+
+
+def _process_main(decoder, images, labels, tasks, results, owner: int | None = None, pdeathsig: bool = False) -> None:
+    if owner is not None:
+        _exit_with(owner, pdeathsig)
     # Ctrl-C goes to the main process, which shuts the workers down in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
@@ -63,8 +127,13 @@ class WorkerPool:
                 # The server process imports what the workers need once; each worker forks from it.
                 ctx.set_forkserver_preload(["pipeline.workers", "pipeline.decode", "kernels.resize"])
             self.tasks, self.results = ctx.SimpleQueue(), ctx.Queue()
+            # A forked or spawned worker's parent is this thread, and the kernel's parent-death
+            # signal fires when that thread ends: arm it only when the thread lives as long as the
+            # process. A fork server's workers are forked by its main thread.
+            pdeathsig = ctx.get_start_method() == "forkserver" or threading.current_thread() is threading.main_thread()
             for i in range(workers):
-                p = ctx.Process(target=_process_main, args=(decoder, images, labels, self.tasks, self.results),
+                p = ctx.Process(target=_process_main, args=(decoder, images, labels, self.tasks, self.results,
+                                                            os.getpid(), pdeathsig),
                                 name=f"loader-worker-{i}", daemon=True)
                 p.start()
                 self.workers.append(p)

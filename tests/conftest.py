@@ -344,3 +344,26 @@ def bucket_files(url: str) -> dict[str, bytes]:
 
 def folder_files(folder) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file()}
+
+
+def proc_state(pid: int) -> tuple[str, int] | None:
+    """(state, parent pid) of a process, None once it is gone (a zombie counts as gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None if fields[0] in "ZX" else (fields[0], int(fields[1]))
+
+
+def descendants(pid: int) -> set[int]:
+    """Every living process below `pid` (Linux: read from /proc)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and (st := proc_state(int(d.name))) is not None:
+            children.setdefault(st[1], []).append(int(d.name))
+    out, todo = set(), [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.add(c)
+            todo.append(c)
+    return out

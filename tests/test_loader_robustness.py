@@ -4,6 +4,10 @@ from __future__ import annotations
 import http.server
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -12,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_resumes_exactly, collect
+from conftest import ROOT, assert_resumes_exactly, collect, descendants, proc_state
 from pipeline.shard_format import ManifestError, load_manifest
 from pipeline import create_loader
 from pipeline.http import HTTPReadError, http_get
@@ -400,6 +404,61 @@ def test_workers_start_from_a_forkserver_once_cuda_is_initialised(colour_shards,
     forked = collect(create_loader(colour_shards, **kw))
     served = collect(create_loader(colour_shards, start_method="forkserver", **kw))
     assert all(torch.equal(a, b) and torch.equal(la, lb) for (a, la), (b, lb) in zip(forked, served))
+
+
+# Owns a loader with process workers, prints their pids once they serve, then waits to be killed.
+# "thread": the workers are started by a thread that then ends (no parent-death signal can be
+# armed), and os.pidfd_open is hidden: the watchdog's portable polling alone must catch the death.
+OWNER = """
+import os, sys, threading, time
+from pipeline import create_loader
+
+shards, start_method, how = sys.argv[1:]
+loader = create_loader(shards, batch_size=4, image_size=16, device="cpu", workers=2, start_method=start_method)
+
+def start():
+    next(iter(loader))
+
+if how == "thread":
+    del os.pidfd_open
+    t = threading.Thread(target=start)
+    t.start()
+    t.join()
+    time.sleep(1.0)  # the starting thread is gone; its workers must live on while this process does
+    next(iter(loader))
+else:
+    start()
+print(" ".join(str(w.pid) for w in loader._pool.workers), flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("start_method,how", [("fork", "main"), ("forkserver", "main"), ("fork", "thread")])
+def test_loader_workers_die_with_their_owner(colour_shards, start_method, how):
+    # A rank SIGKILLed under torchrun used to leave its workers blocked on the task queue forever
+    # (reparented to init): every elastic restart leaked a set of them.
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    owner = subprocess.Popen([sys.executable, "-c", OWNER, str(colour_shards), start_method, how], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, text=True)
+    family: set[int] = set()
+    try:
+        workers = [int(x) for x in owner.stdout.readline().split()]
+        family = descendants(owner.pid)  # the workers, and the fork server and resource tracker if any
+        assert len(workers) == 2 and set(workers) <= family, (workers, family)
+        assert all(proc_state(p) is not None for p in workers)  # alive, also after the starting thread ended
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(proc_state(p) is not None for p in family):
+            time.sleep(0.05)
+        left = {p: Path(f"/proc/{p}/cmdline").read_bytes()[:80] for p in family if proc_state(p) is not None}
+        assert not left, f"outlived their SIGKILLed owner: {left}"
+    finally:
+        owner.kill()
+        for p in family:
+            if proc_state(p) is not None:
+                os.kill(p, signal.SIGKILL)
 
 
 def test_loader_is_a_deprecated_name_of_create_loader(colour_shards):

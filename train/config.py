@@ -37,7 +37,8 @@ class TrainConfig:
     momentum: float = opt("--momentum", "--mom", help="SGD momentum", default=0.9)
     weight_decay: float = opt("--wd", "--weight-decay", help="weight decay", default=1e-4)
     print_freq: int = opt("-p", "--print-freq", help="log every N steps (the only host syncs)", default=10)
-    resume: str = opt("--resume", help="checkpoint to resume from", default="")
+    resume: str = opt("--resume", help="checkpoint to resume from, or auto: the newest complete one in --output "
+                      "(the default under torchrun; --resume '' starts afresh)", default="")
     evaluate: bool = opt("-e", "--evaluate", help="evaluate the --resume checkpoint on val and exit", default=False)
     world_size: int = opt("--world-size", help="nodes (with --multiprocessing-distributed) or processes",
                           default=-1)
@@ -87,6 +88,8 @@ class TrainConfig:
     optimizer: str = opt("--optimizer", help="fused or foreach SGD", default="fused",
                          meta={"choices": ("fused", "foreach")})
     eval_every: int = opt("--eval-every", help="evaluate every N epochs (0: only at the end)", default=1)
+    tensorboard: bool = opt("--tensorboard", help="also write metrics.jsonl's metrics to OUTPUT/tensorboard "
+                            "(needs the tensorboard package)", default=False)
     # -- resolved from the recipe (no flags) --------------------------------------------------
     mean: tuple = field(default=(), metadata={})
     std: tuple = field(default=(), metadata={})
@@ -132,7 +135,14 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, set[str]]:
     defaults = {f.name: (f.default if f.default is not MISSING else None) for f in fields(TrainConfig)}
     cfg = TrainConfig(**{**defaults, **ns})
     validate(cfg, given)
+    if "resume" not in given and not cfg.evaluate and under_torchrun():
+        cfg.resume = "auto"  # a group torchrun restarts continues from the newest checkpoint
     return cfg, given
+
+
+def under_torchrun() -> bool:
+    """True in a process that torchrun's elastic agent started (it sets TORCHELASTIC_RUN_ID)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
 
 
 def validate(cfg: TrainConfig, given: set[str]) -> None:
@@ -180,3 +190,10 @@ def validate(cfg: TrainConfig, given: set[str]) -> None:
         raise UsageError("--min-crop-scale must be in (0, 1]")
     if cfg.label_smoothing < 0 or cfg.label_smoothing >= 1:
         raise UsageError("--label-smoothing must be in [0, 1)")
+    if cfg.tensorboard:
+        from .metrics import summary_writer_class
+
+        try:  # at startup, not at the first metrics row an epoch later
+            summary_writer_class()
+        except ImportError as e:
+            raise UsageError(str(e)) from None

@@ -5,7 +5,8 @@ imagenet/main.py) are kept; see train/config.py. The step: channels_last model, 
 seed's opt levels (train/precision.py), fused SGD, zero_grad(set_to_none), the next batch
 prefetched before backward, the LR set per step (linear warmup, then cosine), and no host sync
 except at --print-freq. DDP comes from torchrun's environment, or from the seed's own
---multiprocessing-distributed launch.
+--multiprocessing-distributed launch. Under torchrun a restarted group continues from the newest
+checkpoint (--resume auto; train/resume.py).
 """
 from __future__ import annotations
 
@@ -22,12 +23,13 @@ import torch.distributed as dist
 
 from pipeline.shard_format import ManifestError, ShardError
 
-from . import recipes
-from .checkpoint import copy_atomic, load, save_atomic, strip_module_prefix
+from . import checkpoint, recipes
+from .checkpoint import strip_module_prefix
 from .config import TrainConfig, UsageError, parse_args
 from .devices import Device, DeviceError, resolve_device
-from .metrics import AverageMeter, MetricsWriter, progress_line, setup_logging, topk_correct
+from .metrics import AverageMeter, MetricsWriter, drop_rows_after, progress_line, setup_logging, topk_correct
 from .precision import Precision
+from .resume import CheckpointError, agree, describe
 from .step import build, train_step
 
 FPS_SKIP_STEPS = 5  # the seed leaves the first steps (allocator and cuDNN warm-up) out of FPS
@@ -86,6 +88,19 @@ def setup_distributed(cfg: TrainConfig, spawn_index: int | None) -> tuple[DistIn
         init = cfg.dist_url if cfg.dist_url != "env://" or "MASTER_ADDR" in env else "env://"
         dist.init_process_group(backend, init_method=init, rank=info.rank, world_size=info.world)
     return info, device
+
+
+def torchrun_restart_hazard() -> str | None:
+    """Why a group torchrun restarts may hang in init, or None. torchrun's c10d rendezvous shares
+    one store with every group it starts, across restarts; a restarted group can read the dead
+    group's gloo/NCCL addresses there and hang or fail connecting (pytorch/pytorch#135712; seen
+    here in about half of the restarts). With TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 every group gets
+    a store of its own."""
+    env = os.environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
+        return ("warning: torchrun --max-restarts shares its store with every restarted group, which can then "
+                "hang in init; export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun for reliable restarts")
+    return None
 
 
 def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
@@ -153,14 +168,16 @@ def validate(model, loader, criterion, precision: Precision, info: DistInfo, log
     return acc1, acc5
 
 
-def save_checkpoint(path: Path, cfg: TrainConfig, model, optimizer, precision, loader_state: dict, epoch: int,
+def save_checkpoint(out: Path, cfg: TrainConfig, model, optimizer, precision, loader_state: dict, epoch: int,
                     step: int, best_acc1: float, device: Device) -> None:
-    save_atomic({
+    # The RNG state is rank 0's: every rank seeds it alike in build() and no step draws from it
+    # (augmentation has its own counter-based RNG), so it is every rank's.
+    checkpoint.save({
         "epoch": epoch, "arch": cfg.arch, "state_dict": model.state_dict(), "best_acc1": best_acc1,
         "optimizer": optimizer.state_dict(), "precision": precision.state_dict(), "loader": loader_state,
         "step": step, "rng": {"cpu": torch.get_rng_state(), "device": device.rng_state()},
         "config": cfg.to_dict(),
-    }, path)
+    }, out)
 
 
 def train(cfg: TrainConfig, spawn_index: int | None = None) -> dict:
@@ -172,7 +189,21 @@ def train(cfg: TrainConfig, spawn_index: int | None = None) -> dict:
     if info.main:
         out.mkdir(parents=True, exist_ok=True)
     log = setup_logging(out if info.main else None, info.rank)
-    metrics = MetricsWriter(out / "metrics.jsonl" if info.main else None)
+    if (hazard := torchrun_restart_hazard()) is not None:
+        log.info(hazard)
+    # Before anything is built: every rank agrees on the checkpoint (a collective), and a resumed
+    # run drops the rows its dead attempt logged after it, as the steps are redone.
+    resumed = agree(cfg.resume, out, info.rank, info.world) if cfg.resume else None
+    redone: list[dict] = []
+    if resumed is None and cfg.resume == "auto":
+        if cfg.evaluate:
+            raise CheckpointError(f"--evaluate --resume auto: no checkpoint in {out}")
+        log.info(f"=> --resume auto: no checkpoint in {out}; starting afresh")
+    elif resumed is not None and not cfg.evaluate and info.main:
+        redone = drop_rows_after(out / "metrics.jsonl", resumed.state["step"])
+    metrics = MetricsWriter(out / "metrics.jsonl" if info.main else None,
+                            tensorboard=out / "tensorboard" if cfg.tensorboard else None,
+                            purge_step=resumed.state["step"] + 1 if resumed is not None and not cfg.evaluate else None)
 
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp_dtype) or \
         (torch.bfloat16 if device.supports_bf16() else torch.float16)
@@ -194,8 +225,8 @@ def train(cfg: TrainConfig, spawn_index: int | None = None) -> dict:
 
     steps_per_epoch = len(train_loader)
     start_epoch, step, best_acc1 = cfg.start_epoch, cfg.start_epoch * steps_per_epoch, 0.0
-    if cfg.resume:
-        ckpt = load(cfg.resume)
+    if resumed is not None:
+        ckpt = resumed.state
         bare.load_state_dict(strip_module_prefix(ckpt["state_dict"]))
         if not cfg.evaluate:
             optimizer.load_state_dict(ckpt["optimizer"])
@@ -204,7 +235,8 @@ def train(cfg: TrainConfig, spawn_index: int | None = None) -> dict:
             torch.set_rng_state(ckpt["rng"]["cpu"])
             device.set_rng_state(ckpt["rng"]["device"])
             start_epoch, step, best_acc1 = ckpt["epoch"], ckpt["step"], ckpt.get("best_acc1", 0.0)
-        log.info(f"=> resumed from {cfg.resume} (epoch {ckpt['epoch']}, step {ckpt['step']})")
+        log.info(describe(resumed, None if cfg.evaluate else redone, info.world))
+        resumed = ckpt = None  # its tensors are copied into the model and optimizer now
 
     world_batch = cfg.batch_size * info.world
     if info.main:
@@ -280,9 +312,12 @@ def train(cfg: TrainConfig, spawn_index: int | None = None) -> dict:
                 metrics.write(step=step, epoch=epoch, loss=loss_v, lr=lr,
                               img_s=world_batch * steps_since / (now - t_last), data_wait=waited[0] / (now - t_last))
                 t_last, steps_since, waited[0] = now, 0, 0.0
-            if info.main and cfg.save_every and step % cfg.save_every == 0:
-                save_checkpoint(out / "checkpoint.pth.tar", cfg, bare, optimizer, precision, resume_state[0],
-                                epoch, step, best_acc1, device)
+            # Not at the epoch's (or the run's) last step: the end-of-epoch checkpoint follows, after
+            # validation, so a checkpoint's step is never one a later row of metrics.jsonl shares.
+            ends = batch is None or (cfg.max_steps and step >= cfg.max_steps)
+            if info.main and cfg.save_every and step % cfg.save_every == 0 and not ends:
+                metrics.flush()
+                save_checkpoint(out, cfg, bare, optimizer, precision, resume_state[0], epoch, step, best_acc1, device)
             if cfg.max_steps and step >= cfg.max_steps:
                 stop = True
                 break
@@ -300,10 +335,11 @@ def train(cfg: TrainConfig, spawn_index: int | None = None) -> dict:
         if info.main:
             # A finished epoch resumes at the next one; a --max-steps stop resumes mid-epoch. The
             # loader's state is stored as it gave it: set_epoch on resume moves to the next epoch.
-            save_checkpoint(out / "checkpoint.pth.tar", cfg, bare, optimizer, precision, resume_state[0],
-                            epoch if stop else epoch + 1, step, best_acc1, device)
+            metrics.flush()
+            save_checkpoint(out, cfg, bare, optimizer, precision, resume_state[0], epoch if stop else epoch + 1,
+                            step, best_acc1, device)
             if is_best:  # the same bytes: copy them rather than serialize the model twice
-                copy_atomic(out / "checkpoint.pth.tar", out / "model_best.pth.tar")
+                checkpoint.save_best(out)
         if stop:
             break
     metrics.close()
@@ -358,11 +394,11 @@ def main(argv: list[str] | None = None) -> int:
             torch.multiprocessing.spawn(_spawn_entry, args=(cfg,), nprocs=len(devices))
             return 0
         result = train(cfg)
-    except (UsageError, DeviceError, FileNotFoundError, ShardError, ManifestError) as e:
+    except (UsageError, DeviceError, FileNotFoundError, ShardError, ManifestError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: rerun with --resume OUTPUT/checkpoint.pth.tar to continue", file=sys.stderr)
+        print("interrupted: rerun with --resume auto (or OUTPUT/checkpoint.pth.tar) to continue", file=sys.stderr)
         return 130
     finally:
         if dist.is_available() and dist.is_initialized():
