@@ -223,6 +223,14 @@ def put_file(local_path: str | os.PathLike, url: str) -> None:
     _retrying("upload", url, lambda: filesystem(url).put_file(os.fspath(local_path), _path(url)))
 
 
+def copy(src: str, dst: str) -> None:
+    """Copy an object within its store (a server-side copy: nothing passes through this machine);
+    readers of `dst` see the old object or all of the new one."""
+    if split_url(src)[:2] != split_url(dst)[:2]:
+        raise ValueError(f"copy: {redact(src)} and {redact(dst)} are not in one bucket")
+    _retrying("copy", dst, lambda: filesystem(src).copy(_path(src), _path(dst)))
+
+
 def get_file(url: str, local_path: str | os.PathLike) -> None:
     """Download the object to `local_path`, atomically (a partial download never has its name)."""
     local_path = os.fspath(local_path)

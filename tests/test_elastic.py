@@ -3,6 +3,7 @@ run equals a 1-node x 2-process run, and a rank SIGKILLed mid-epoch costs at mos
 steps and leaves the run bit-identical to an uninterrupted one."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ import pytest
 import torch
 
 from conftest import ROOT, descendants, proc_state
+from s3_server import env_for
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; gloo on loopback")
 
@@ -50,9 +52,9 @@ def torchrun(port: int, *, nnodes: int = 1, nproc: int = 2, max_restarts: int = 
             "--rdzv-id", f"test{port}", "-m", "train.run"]
 
 
-def start(cmd: list, log: Path) -> subprocess.Popen:
+def start(cmd: list, log: Path, **env: str) -> subprocess.Popen:
     with open(log, "w") as f:
-        return subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=ENV, stdout=f, stderr=subprocess.STDOUT)
+        return subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env={**ENV, **env}, stdout=f, stderr=subprocess.STDOUT)
 
 
 def finish(proc: subprocess.Popen, log: Path) -> None:
@@ -138,21 +140,32 @@ def test_torchrun_restarts_a_killed_rank_and_the_run_stays_bit_identical(shards,
     assert not left, f"the killed rank's loader processes outlived it: {left}"
 
 
-def test_two_nodes_train_like_one_node_with_two_processes(shards, reference, tmp_path):
-    # Two torchrun agents, one per "node", each with its own --output as on its own disk. c10d
-    # ranks the nodes itself (--node-rank is for the static rendezvous only).
+def test_two_nodes_from_a_bucket_train_like_one_node_with_two_processes(s3_env, s3_colour_shards, reference,
+                                                                        tmp_path):
+    """The bucket-to-2-node recipe: two torchrun agents, one per "node" (each with its own disk,
+    here its own cache folder), read their shares of the shards from an S3 server and write the run
+    (checkpoints, metrics, log) to the bucket. c10d ranks the nodes itself (--node-rank is for the
+    static rendezvous only). Same data as the reference, read from the local copy."""
+    from conftest import bucket_files, new_bucket
+
+    output = f"{new_bucket()}/run"
     port = free_port()
-    nodes = [start([*torchrun(port, nnodes=2, nproc=1), "--shards", shards, *ARGS, "--output", tmp_path / f"node{n}"],
-                   tmp_path / f"node{n}.log") for n in (0, 1)]
+    nodes = [start([*torchrun(port, nnodes=2, nproc=1), "--shards", s3_colour_shards, *ARGS, "--output", output],
+                   tmp_path / f"node{n}.log", RESNET_RUN_CACHE=str(tmp_path / f"disk{n}"), **env_for(s3_env.endpoint))
+             for n in (0, 1)]
     for n, proc in enumerate(nodes):
         finish(proc, tmp_path / f"node{n}.log")
-    written = [n for n in (0, 1) if (tmp_path / f"node{n}").exists()]
-    assert len(written) == 1, "only rank 0 writes to its --output"
-    run = tmp_path / f"node{written[0]}"
+    run = tmp_path / "from-bucket"
+    run.mkdir()
+    for name, data in bucket_files(output).items():
+        (run / name).write_bytes(data)
+    assert {"checkpoint.pth.tar", "checkpoint.prev.pth.tar", "model_best.pth.tar", "metrics.jsonl", "train.log",
+            "config.json"} <= set(os.listdir(run))
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["world_size_effective"] == 2 and cfg["steps_per_epoch"] == 7
     assert curve(run) == curve(reference)  # the loss of every step, and val top-1
     assert_same_weights(final_weights(run), final_weights(reference))
+    assert sum((tmp_path / f"disk{n}").exists() for n in (0, 1)) == 1, "only rank 0 keeps a local mirror"
 
 
 def test_a_restart_resumes_from_the_newest_checkpoint_on_any_ranks_disk(shards, reference, tmp_path):
@@ -205,6 +218,41 @@ def test_checkpoints_rotate_and_a_damaged_newest_falls_back_to_the_previous(tmp_
         warnings.simplefilter("ignore")
         assert checkpoint.newest(tmp_path) is None
     assert torch.equal(checkpoint.load(checkpoint.save(_state(12), tmp_path))["state_dict"]["w"], torch.full((3,), 12.))
+
+
+def test_checkpoints_in_a_bucket_rotate_resume_and_carry_the_run_record(s3_env, tmp_path, monkeypatch):
+    """--output s3://...: the same rotation and fallback as a folder, through PUTs and server-side
+    copies; the log and metrics follow each checkpoint; a resume on a machine without the local
+    mirror downloads what it needs."""
+    from conftest import new_bucket
+    from pipeline import objstore
+    from train import checkpoint
+
+    monkeypatch.setenv("RESNET_RUN_CACHE", str(tmp_path / "disk0"))
+    output = f"{new_bucket()}/run"
+    assert checkpoint.newest(output) is None
+    mirror = checkpoint.local_folder(output)
+    mirror.mkdir(parents=True)
+    for step in (3, 6, 9):
+        (mirror / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n"
+                                                      for s in range(1, step + 1)))
+        assert checkpoint.save(_state(step), output) == f"{output}/checkpoint.pth.tar"
+    assert checkpoint.candidates(output) == [f"{output}/checkpoint.pth.tar", f"{output}/checkpoint.prev.pth.tar"]
+    assert checkpoint.save_best(output) == f"{output}/model_best.pth.tar"
+    assert torch.load(io.BytesIO(objstore.get(f"{output}/model_best.pth.tar")), weights_only=True)["step"] == 9
+    assert objstore.get(f"{output}/metrics.jsonl") == (mirror / "metrics.jsonl").read_bytes()
+
+    monkeypatch.setenv("RESNET_RUN_CACHE", str(tmp_path / "disk1"))  # another machine
+    assert checkpoint.newest(output) == (f"{output}/checkpoint.pth.tar", {"step": 9, "epoch": 0, "batch": 9})
+    assert torch.equal(checkpoint.load(f"{output}/checkpoint.pth.tar")["state_dict"]["w"], torch.full((3,), 9.0))
+    checkpoint.fetch_record(output)
+    assert len((tmp_path / "disk1").rglob("metrics.jsonl").__next__().read_text().splitlines()) == 9
+    raw = objstore.get(f"{output}/checkpoint.pth.tar")
+    objstore.put(f"{output}/checkpoint.pth.tar", raw[: len(raw) // 2])  # a torn upload
+    with pytest.warns(RuntimeWarning, match="checkpoint.pth.tar is damaged"):
+        assert checkpoint.newest(output) == (f"{output}/checkpoint.prev.pth.tar", {"step": 6, "epoch": 0, "batch": 6})
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        checkpoint.load(f"{output}/nothing.pth.tar")
 
 
 def test_the_rank_with_the_newest_checkpoint_is_the_reader():

@@ -8,7 +8,8 @@ such rank on a tie, so rank 0 where it has it) reads it and broadcasts its conte
 resumes from the same bytes, a node without the file needs none, and no rank can pick a file that
 is still being written: all ranks are here, and only rank 0 writes checkpoints, while training.
 
-An explicit `--resume PATH` is read by rank 0 and broadcast the same way.
+An explicit `--resume PATH` is read by rank 0 and broadcast the same way, as is the newest
+checkpoint of an `--output` in a bucket (`s3://...`), which every rank sees alike.
 """
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ def newest_rank(reports: list[tuple[str, dict] | None]) -> int | None:
 def agree(resume: str, output: str | os.PathLike, rank: int, world: int) -> Resumed | None:
     """The checkpoint every rank resumes from (None: start afresh). Collective: every rank calls it."""
     if resume == "auto":
-        mine = checkpoint.newest(output)
+        # A bucket is one store that every rank sees: rank 0 alone looks (and downloads).
+        mine = checkpoint.newest(output) if rank == 0 or not checkpoint.is_remote(output) else None
         reports = [mine]
         if world > 1:
             reports = [None] * world

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from pipeline.objstore import ObjectStoreError
 from pipeline.shard_format import ManifestError, ShardError
 
 from . import checkpoint, recipes
@@ -168,7 +169,7 @@ def validate(model, loader, criterion, precision: Precision, info: DistInfo, log
     return acc1, acc5
 
 
-def save_checkpoint(out: Path, cfg: TrainConfig, model, optimizer, precision, loader_state: dict, epoch: int,
+def save_checkpoint(output: str, cfg: TrainConfig, model, optimizer, precision, loader_state: dict, epoch: int,
                     step: int, best_acc1: float, device: Device) -> None:
     # The RNG state is rank 0's: every rank seeds it alike in build() and no step draws from it
     # (augmentation has its own counter-based RNG), so it is every rank's.
@@ -177,7 +178,7 @@ def save_checkpoint(out: Path, cfg: TrainConfig, model, optimizer, precision, lo
         "optimizer": optimizer.state_dict(), "precision": precision.state_dict(), "loader": loader_state,
         "step": step, "rng": {"cpu": torch.get_rng_state(), "device": device.rng_state()},
         "config": cfg.to_dict(),
-    }, out)
+    }, output)
 
 
 def train(cfg: TrainConfig, spawn_index: int | None = None) -> dict:
@@ -185,20 +186,24 @@ def train(cfg: TrainConfig, spawn_index: int | None = None) -> dict:
     if not cfg.mean or cfg.warm_up_epochs is None:
         raise ValueError("train() needs a config resolved by train.run.resolve (the recipe applied)")
     info, device = setup_distributed(cfg, spawn_index)
-    out = Path(cfg.output)
+    # The run folder, or for --output s3://... its local mirror (checkpoints go to the bucket, and
+    # the log, metrics and config follow each one there).
+    out = checkpoint.local_folder(cfg.output)
     if info.main:
         out.mkdir(parents=True, exist_ok=True)
+        if cfg.resume:
+            checkpoint.fetch_record(cfg.output)  # a restart on another machine continues its metrics
     log = setup_logging(out if info.main else None, info.rank)
     if (hazard := torchrun_restart_hazard()) is not None:
         log.info(hazard)
     # Before anything is built: every rank agrees on the checkpoint (a collective), and a resumed
     # run drops the rows its dead attempt logged after it, as the steps are redone.
-    resumed = agree(cfg.resume, out, info.rank, info.world) if cfg.resume else None
+    resumed = agree(cfg.resume, cfg.output, info.rank, info.world) if cfg.resume else None
     redone: list[dict] = []
     if resumed is None and cfg.resume == "auto":
         if cfg.evaluate:
-            raise CheckpointError(f"--evaluate --resume auto: no checkpoint in {out}")
-        log.info(f"=> --resume auto: no checkpoint in {out}; starting afresh")
+            raise CheckpointError(f"--evaluate --resume auto: no checkpoint in {cfg.output}")
+        log.info(f"=> --resume auto: no checkpoint in {cfg.output}; starting afresh")
     elif resumed is not None and not cfg.evaluate and info.main:
         redone = drop_rows_after(out / "metrics.jsonl", resumed.state["step"])
     metrics = MetricsWriter(out / "metrics.jsonl" if info.main else None,
@@ -317,7 +322,8 @@ def train(cfg: TrainConfig, spawn_index: int | None = None) -> dict:
             ends = batch is None or (cfg.max_steps and step >= cfg.max_steps)
             if info.main and cfg.save_every and step % cfg.save_every == 0 and not ends:
                 metrics.flush()
-                save_checkpoint(out, cfg, bare, optimizer, precision, resume_state[0], epoch, step, best_acc1, device)
+                save_checkpoint(cfg.output, cfg, bare, optimizer, precision, resume_state[0], epoch, step, best_acc1,
+                                device)
             if cfg.max_steps and step >= cfg.max_steps:
                 stop = True
                 break
@@ -336,13 +342,15 @@ def train(cfg: TrainConfig, spawn_index: int | None = None) -> dict:
             # A finished epoch resumes at the next one; a --max-steps stop resumes mid-epoch. The
             # loader's state is stored as it gave it: set_epoch on resume moves to the next epoch.
             metrics.flush()
-            save_checkpoint(out, cfg, bare, optimizer, precision, resume_state[0], epoch if stop else epoch + 1,
-                            step, best_acc1, device)
+            save_checkpoint(cfg.output, cfg, bare, optimizer, precision, resume_state[0],
+                            epoch if stop else epoch + 1, step, best_acc1, device)
             if is_best:  # the same bytes: copy them rather than serialize the model twice
-                checkpoint.save_best(out)
+                checkpoint.save_best(cfg.output)
         if stop:
             break
     metrics.close()
+    if info.main:
+        checkpoint.upload_record(cfg.output)  # the last lines of a run in a bucket
     train_loader.close()
     if val_loader is not None:
         val_loader.close()
@@ -394,7 +402,9 @@ def main(argv: list[str] | None = None) -> int:
             torch.multiprocessing.spawn(_spawn_entry, args=(cfg,), nprocs=len(devices))
             return 0
         result = train(cfg)
-    except (UsageError, DeviceError, FileNotFoundError, ShardError, ManifestError, CheckpointError) as e:
+    # ImportError: an optional extra a flag needs (s3fs for s3://, tensorboard), named in the message.
+    except (UsageError, DeviceError, FileNotFoundError, ShardError, ManifestError, CheckpointError, ImportError,
+            ObjectStoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
