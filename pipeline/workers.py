@@ -102,9 +102,15 @@ def _watch_owner(owner: int, parent: int) -> None:
             os._exit(1)
 
 
-def _process_main(decoder, images, labels, tasks, results, owner: int | None = None, pdeathsig: bool = False) -> None:
+def _process_main(decoder, images, labels, tasks, results, owner: int | None = None, pdeathsig: bool = False,
+                  environ: dict[str, str] | None = None) -> None:
     if owner is not None:
         _exit_with(owner, pdeathsig)
+    if environ is not None:
+        # A fork server was started with the environment of its first use; a worker must see its
+        # owner's (the object store's endpoint and credential chain, say), as a forked one does.
+        os.environ.clear()
+        os.environ.update(environ)
     # Ctrl-C goes to the main process, which shuts the workers down in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
@@ -131,9 +137,10 @@ class WorkerPool:
             # signal fires when that thread ends: arm it only when the thread lives as long as the
             # process. A fork server's workers are forked by its main thread.
             pdeathsig = ctx.get_start_method() == "forkserver" or threading.current_thread() is threading.main_thread()
+            environ = dict(os.environ) if ctx.get_start_method() == "forkserver" else None
             for i in range(workers):
                 p = ctx.Process(target=_process_main, args=(decoder, images, labels, self.tasks, self.results,
-                                                            os.getpid(), pdeathsig),
+                                                            os.getpid(), pdeathsig, environ),
                                 name=f"loader-worker-{i}", daemon=True)
                 p.start()
                 self.workers.append(p)

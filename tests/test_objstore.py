@@ -53,6 +53,27 @@ def test_train_and_val_epochs_from_a_bucket_equal_the_local_copy(s3_env, s3_colo
         remote.close()
 
 
+def test_forkserver_workers_see_their_owners_environment(s3_server, s3_colour_shards, colour_shards, monkeypatch):
+    """A fork server keeps the environment of its first use: one started before the endpoint and
+    credentials were set must still give its workers the owner's (as under torchrun, where the
+    process group's start picks the forkserver)."""
+    import multiprocessing.forkserver as forkserver
+
+    from s3_server import CLEARED_ENV, env_for
+
+    forkserver._forkserver._stop()  # a fresh one, started below without any S3 settings
+    for k in (*CLEARED_ENV, *env_for(s3_server.endpoint)):
+        monkeypatch.delenv(k, raising=False)
+    local = create_loader(colour_shards, workers=1, start_method="forkserver", **KW)
+    want = collect(local)
+    local.close()
+    for k, v in env_for(s3_server.endpoint).items():
+        monkeypatch.setenv(k, v)
+    remote = create_loader(s3_colour_shards, workers=1, start_method="forkserver", **KW)
+    assert same_batches(collect(remote), want)
+    remote.close()
+
+
 def test_exact_mid_epoch_resume_from_a_bucket_and_across_copies(s3_env, s3_colour_shards, colour_shards):
     def from_bucket():
         loader = create_loader(s3_colour_shards, workers=1, start_method="forkserver", prefetch=3, **KW)

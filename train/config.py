@@ -83,7 +83,8 @@ class TrainConfig:
     synthetic: bool = opt("--synthetic", "--dummy", help="synthetic data (model speed alone)", default=False)
     max_steps: int = opt("--max-steps", help="stop after N optimizer steps (0: no limit)", default=0)
     save_every: int = opt("--save-every", help="also checkpoint every N steps (0: only at epoch ends)", default=0)
-    output: str = opt("--output", help="run folder: config, log, metrics.jsonl, checkpoints", default="runs/run")
+    output: str = opt("--output", help="run folder (or s3://bucket/run): config, log, metrics.jsonl, checkpoints",
+                      default="runs/run")
     demo: bool = opt("--demo", help="generate, convert and train on the built-in synthetic dataset", default=False)
     optimizer: str = opt("--optimizer", help="fused or foreach SGD", default="fused",
                          meta={"choices": ("fused", "foreach")})
