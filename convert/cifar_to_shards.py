@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import io
 import pickle
-import sys
 import tarfile
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from PIL import Image
 
 from pipeline.shard_format import PNG_EXT, Sample, pixel_stats, sample_key
 
-from .destination import OUT_HELP, STAGING_HELP, out_arg
+from .cli import add_output_options, finish
 from .runner import ConvertError, Item, default_workers, format_summary, plan_shards, run_conversion
 
 TOOL = "convert.cifar_to_shards"
@@ -201,8 +200,7 @@ def convert(src: Path, out: Path | str, shard_size_mb: float = 32, seed: int = 4
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog=f"python -m {TOOL}", description=__doc__.split("\n")[0])
     p.add_argument("--src", required=True, type=Path, help="cifar-10-batches-py/, cifar-100-python/ or the .tar.gz")
-    p.add_argument("--out", required=True, type=out_arg, help=OUT_HELP)
-    p.add_argument("--staging", type=Path, help=STAGING_HELP)
+    add_output_options(p)
     p.add_argument("--shard-size-mb", type=float, default=32, help="target shard size in MB (default 32)")
     p.add_argument("--seed", type=int, default=49, help="train shuffle seed (default 49)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
@@ -212,17 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--shard-size-mb must be positive")
     if a.workers is not None and a.workers < 1:
         p.error("--workers must be >= 1")
-    try:
-        _, summary = convert(a.src, a.out, a.shard_size_mb, a.seed, a.workers, progress=not a.no_progress,
-                             staging=a.staging)
-    except ConvertError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: finished shards are kept; rerun the same command to resume", file=sys.stderr)
-        return 130
-    print(summary)
-    return 0
+    return finish(lambda: convert(a.src, a.out, a.shard_size_mb, a.seed, a.workers, progress=not a.no_progress,
+                                  staging=a.staging))
 
 
 if __name__ == "__main__":

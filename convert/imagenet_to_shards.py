@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import numpy as np
 
 from pipeline.shard_format import JPEG_EXT, RESTART_INTERVAL_MCUS, Sample, sample_key
 
-from .destination import OUT_HELP, STAGING_HELP, out_arg
+from .cli import add_image_options, add_output_options, check_image_options, finish, restart_interval
 from .images import IMG_EXTENSIONS, RejectedImage, prepare_image
 from .runner import (ConvertError, Item, default_workers, format_summary, plan_shards, run_conversion,
                      stored_ratio)
@@ -193,55 +192,25 @@ def convert(src: Path, out: Path | str, splits: list[str] | None = None, val_lab
     return manifest, format_summary(reports, time.perf_counter() - t0)
 
 
-def positive_int(s: str) -> int:
-    v = int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"python -m {TOOL}", description=__doc__.split("\n")[0])
     p.add_argument("--src", required=True, type=Path, help="folder holding train/ and/or val/")
-    p.add_argument("--out", required=True, type=out_arg, help=OUT_HELP)
-    p.add_argument("--staging", type=Path, help=STAGING_HELP)
+    add_output_options(p)
     p.add_argument("--splits", nargs="+", choices=SPLITS, help="splits to convert (default: those present)")
     p.add_argument("--val-labels", type=Path, help="LOC_val_solution.csv or 'filename wnid' list for flat val/")
-    p.add_argument("--shard-size-mb", type=float, default=256, help="target shard size in MB (default 256)")
-    p.add_argument("--max-side", type=positive_int, help="downscale so the longer side is at most N px, re-encode")
-    p.add_argument("--quality", type=positive_int, default=90,
-                   help="JPEG quality of re-encoded images (default 90; repairs use at least 95)")
-    p.add_argument("--seed", type=int, default=49, help="train shuffle seed (default 49)")
-    p.add_argument("--workers", type=positive_int, default=None, help="processes (default: all cores)")
-    p.add_argument("--no-restart-index", action="store_true",
-                   help="store full-size JPEGs byte for byte, without restart markers (slower crops)")
-    p.add_argument("--strict", action="store_true", help="fail on the first rejected image")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_image_options(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
-    if a.quality > 100:
-        parser.error("--quality must be at most 100")
-    if a.shard_size_mb <= 0:
-        parser.error("--shard-size-mb must be positive")
+    check_image_options(parser, a)
     if a.val_labels is not None and not a.val_labels.is_file():
         parser.error(f"--val-labels {a.val_labels}: no such file")
-    try:
-        _, summary = convert(a.src, a.out, a.splits, a.val_labels, a.shard_size_mb, a.max_side, a.quality,
-                             a.seed, a.workers, a.strict, progress=not a.no_progress,
-                             restart_interval=None if a.no_restart_index else RESTART_INTERVAL_MCUS,
-                             staging=a.staging)
-    except ConvertError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2 if "--strict" not in str(e) else 1
-    except KeyboardInterrupt:
-        print("interrupted: finished shards are kept; rerun the same command to resume", file=sys.stderr)
-        return 130
-    print(summary)
-    return 0
+    return finish(lambda: convert(a.src, a.out, a.splits, a.val_labels, a.shard_size_mb, a.max_side, a.quality,
+                                  a.seed, a.workers, a.strict, progress=not a.no_progress,
+                                  restart_interval=restart_interval(a), staging=a.staging))
 
 
 if __name__ == "__main__":

@@ -26,9 +26,8 @@ import numpy as np
 
 from pipeline.shard_format import RESTART_INTERVAL_MCUS, SPLIT_NAMES, Sample, sample_key
 
-from .destination import OUT_HELP, STAGING_HELP, out_arg
+from .cli import add_image_options, add_output_options, check_image_options, finish, restart_interval
 from .images import RejectedImage, prepare_image, target_size
-from .imagenet_to_shards import positive_int
 from .parquet_source import (Columns, RowGroup, RowReader, RowRef, class_names, detect_columns, find_split_files,
                              open_parquet, read_features, require_pyarrow, scan_row_groups)
 from .runner import (ConvertError, Item, ShardJob, default_workers, format_summary, plan_shards, run_conversion,
@@ -299,25 +298,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"python -m {TOOL}", description=__doc__.split("\n")[0])
     p.add_argument("--src", required=True,
                    help="folder of the hub's .parquet files (searched recursively), or a glob pattern")
-    p.add_argument("--out", required=True, type=out_arg, help=OUT_HELP)
-    p.add_argument("--staging", type=Path, help=STAGING_HELP)
+    add_output_options(p)
     p.add_argument("--splits", nargs="+", choices=SPLIT_NAMES, help="splits to convert (default: those present)")
     p.add_argument("--image-column", help="column of the images (default: the Image feature, e.g. image or img)")
     p.add_argument("--label-column", help="column of the class index (default: the ClassLabel feature; label, "
                                           "then fine_label)")
     p.add_argument("--classes", type=Path, help="file of class names, one a line, for files that name none")
-    p.add_argument("--shard-size-mb", type=float, default=256, help="target shard size in MB (default 256)")
-    p.add_argument("--max-side", type=positive_int, help="downscale so the longer side is at most N px, re-encode")
-    p.add_argument("--quality", type=positive_int, default=90,
-                   help="JPEG quality of re-encoded images (default 90; repairs use at least 95)")
-    p.add_argument("--seed", type=int, default=49, help="train shuffle seed (default 49)")
-    p.add_argument("--workers", type=positive_int, default=None, help="processes (default: all cores)")
-    p.add_argument("--no-restart-index", action="store_true",
-                   help="store full-size JPEGs byte for byte, without restart markers (slower crops)")
+    add_image_options(p)
     p.add_argument("--keep-png", action="store_true",
                    help="store PNG images as lossless PNGs, not JPEGs (CIFAR: pixel-exact, as cifar_to_shards)")
-    p.add_argument("--strict", action="store_true", help="fail on the first rejected image")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -329,25 +318,13 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if a.quality > 100:
-        parser.error("--quality must be at most 100")
-    if a.shard_size_mb <= 0:
-        parser.error("--shard-size-mb must be positive")
+    check_image_options(parser, a)
     if a.classes is not None and not a.classes.is_file():
         parser.error(f"--classes {a.classes}: no such file")
-    try:
-        _, summary = convert(a.src, a.out, a.splits, a.image_column, a.label_column, a.classes, a.shard_size_mb,
-                             a.max_side, a.quality, a.seed, a.workers, a.strict, progress=not a.no_progress,
-                             restart_interval=None if a.no_restart_index else RESTART_INTERVAL_MCUS,
-                             keep_png=a.keep_png, staging=a.staging)
-    except ConvertError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1 if "(--strict)" in str(e) else 2
-    except KeyboardInterrupt:
-        print("interrupted: finished shards are kept; rerun the same command to resume", file=sys.stderr)
-        return 130
-    print(summary)
-    return 0
+    return finish(lambda: convert(a.src, a.out, a.splits, a.image_column, a.label_column, a.classes,
+                                  a.shard_size_mb, a.max_side, a.quality, a.seed, a.workers, a.strict,
+                                  progress=not a.no_progress, restart_interval=restart_interval(a),
+                                  keep_png=a.keep_png, staging=a.staging))
 
 
 if __name__ == "__main__":

@@ -508,6 +508,18 @@ static void chunked_setup(chunked_source *src, const Py_buffer *data) {
     src->pub.term_source = chunked_term;
 }
 
+/* Inside the caller's setjmp: the decompressor on the chunked source (the checked Huffman
+ * decoder), its header read and the multi-scan limit applied. */
+static void open_checked(j_decompress_ptr cinfo, context *ctx, const Py_buffer *data, chunked_source *src,
+                         const limits_t *lim) {
+    ctx->corrupt = "bad JPEG header";
+    create(cinfo, ctx, data);
+    cinfo->src = &src->pub; /* replaces create()'s memory source (pool memory, freed later) */
+    jpeg_read_header(cinfo, TRUE);
+    ctx->corrupt = "corrupt JPEG data";
+    check_multiscan(cinfo, lim);
+}
+
 static PyObject *py_validate(PyObject *self, PyObject *args) {
     Py_buffer data;
     if (!PyArg_ParseTuple(args, "y*", &data)) return NULL;
@@ -524,12 +536,7 @@ static PyObject *py_validate(PyObject *self, PyObject *args) {
     if (setjmp(ctx.jump)) {
         failed = 1;
     } else {
-        ctx.corrupt = "bad JPEG header";
-        create(&cinfo, &ctx, &data);
-        cinfo.src = &src.pub; /* replaces create()'s memory source (pool memory, freed later) */
-        jpeg_read_header(&cinfo, TRUE);
-        ctx.corrupt = "corrupt JPEG data";
-        check_multiscan(&cinfo, &lim);
+        open_checked(&cinfo, &ctx, &data, &src, &lim);
         iw = cinfo.image_width;
         ih = cinfo.image_height;
         comps = cinfo.num_components;
@@ -592,12 +599,7 @@ static PyObject *py_decode_scaled(PyObject *self, PyObject *args) {
     if (setjmp(ctx.jump)) {
         failed = 1;
     } else {
-        ctx.corrupt = "bad JPEG header";
-        create(&cinfo, &ctx, &data);
-        cinfo.src = &src.pub; /* the checked decoder: see VALIDATE_CHUNK */
-        jpeg_read_header(&cinfo, TRUE);
-        ctx.corrupt = "corrupt JPEG data";
-        check_multiscan(&cinfo, &lim);
+        open_checked(&cinfo, &ctx, &data, &src, &lim);
         if (cinfo.jpeg_color_space == JCS_CMYK || cinfo.jpeg_color_space == JCS_YCCK)
             fail((j_common_ptr)&cinfo, FAIL_UNSUPPORTED, "unsupported JPEG: %s colour space (no RGB conversion "
                  "in libjpeg)", cinfo.jpeg_color_space == JCS_CMYK ? "CMYK" : "YCCK");
