@@ -13,6 +13,7 @@ import io
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -120,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows, [("name", "run", "s"), ("img_s", "img/s", ".0f"), ("mb_s", "MB/s in", ".1f"),
                        ("vs_ref", "x reference", ".2f"), ("vs_ceiling", "of ceiling", ".0%")]))
     path = write_json("convert", {"files": n_files, "mb_in": mb_in, "rows": rows,
-                                  "command": "python -m benchmarks.convert " + " ".join(argv or [])})
+                                  "command": " ".join(["python -m benchmarks.convert",
+                                                                 *(sys.argv[1:] if argv is None else argv)])})
     print(f"wrote {path} ({time.strftime('%Y-%m-%d')})")
     return 0
 
