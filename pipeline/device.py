@@ -48,7 +48,11 @@ class DeviceStage:
         if self.device.type == "cpu":
             x = normalize_nhwc(images, self.scale, self.shift, dtype, cfg.channels_last)
             if x.data_ptr() == images.data_ptr():
-                x = x.clone(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+                # uint8 channels_last is the slot itself, viewed as NCHW: copy the slot as one
+                # block (numpy's memcpy) and view it alike. torch's strided clone into
+                # channels_last was 5.7x slower on a 64 x 224 px batch, and it runs in the
+                # main process, which shares the cores with the workers.
+                x = torch.from_numpy(images.numpy().copy()).permute(0, 3, 1, 2)
             return x, labels.clone(), None
         if self.stream is None:
             return self._generic(images, labels, dtype)

@@ -129,3 +129,20 @@ def test_damaged_index_is_named(colour_shards, tmp_path):
     (broken / name).write_text("v1.2 3\njpg 1 2\n")
     with pytest.raises(ShardError, match=name):
         create_loader(broken, device="cpu", batch_size=4)
+
+
+def test_uint8_batches_on_the_cpu_are_fresh_channels_last_tensors(colour_shards):
+    """Uint8 batches are a copy of the host slot, not a view of it: a batch held while the loader
+    goes on (its slot reused by later batches) keeps its pixels."""
+    loader = create_loader(colour_shards, batch_size=8, image_size=24, device="cpu", workers=2, normalize=False,
+                           prefetch=1)
+    held, copies = [], []
+    for x, y in loader:
+        assert x.dtype == torch.uint8 and x.shape == (8, 3, 24, 24)
+        assert x.is_contiguous(memory_format=torch.channels_last)
+        held.append(x)
+        copies.append(x.clone())
+    assert len(held) > loader.slots  # every slot was reused while the first batches were held
+    assert all(torch.equal(a, b) for a, b in zip(held, copies))
+    assert len({x.data_ptr() for x in held}) == len(held)
+    loader.close()
