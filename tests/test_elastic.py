@@ -238,6 +238,7 @@ def test_checkpoints_in_a_bucket_rotate_resume_and_carry_the_run_record(s3_env, 
                                                       for s in range(1, step + 1)))
         assert checkpoint.save(_state(step), output) == f"{output}/checkpoint.pth.tar"
     assert checkpoint.candidates(output) == [f"{output}/checkpoint.pth.tar", f"{output}/checkpoint.prev.pth.tar"]
+    assert not list(mirror.glob("*.pth.tar*")) and not list(mirror.glob(".*.partial"))  # the bucket holds them
     assert checkpoint.save_best(output) == f"{output}/model_best.pth.tar"
     assert torch.load(io.BytesIO(objstore.get(f"{output}/model_best.pth.tar")), weights_only=True)["step"] == 9
     assert objstore.get(f"{output}/metrics.jsonl") == (mirror / "metrics.jsonl").read_bytes()
@@ -246,7 +247,7 @@ def test_checkpoints_in_a_bucket_rotate_resume_and_carry_the_run_record(s3_env, 
     assert checkpoint.newest(output) == (f"{output}/checkpoint.pth.tar", {"step": 9, "epoch": 0, "batch": 9})
     assert torch.equal(checkpoint.load(f"{output}/checkpoint.pth.tar")["state_dict"]["w"], torch.full((3,), 9.0))
     checkpoint.fetch_record(output)
-    assert len((tmp_path / "disk1").rglob("metrics.jsonl").__next__().read_text().splitlines()) == 9
+    assert len(next((tmp_path / "disk1").rglob("metrics.jsonl")).read_text().splitlines()) == 9
     raw = objstore.get(f"{output}/checkpoint.pth.tar")
     objstore.put(f"{output}/checkpoint.pth.tar", raw[: len(raw) // 2])  # a torn upload
     with pytest.warns(RuntimeWarning, match="checkpoint.pth.tar is damaged"):

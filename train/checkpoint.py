@@ -92,16 +92,20 @@ def save(state: dict, output: str | os.PathLike) -> str:
             os.replace(out / NEWEST, out / PREVIOUS)
         os.replace(tmp, out / NEWEST)
         return str(out / NEWEST)
-    if objstore.exists(_url(output, NEWEST)):
-        objstore.copy(_url(output, NEWEST), _url(output, PREVIOUS))
-    objstore.put_file(tmp, _url(output, NEWEST))
-    os.replace(tmp, out / NEWEST)  # the local copy, for save_best's and a resume's reads
+    try:
+        if objstore.exists(_url(output, NEWEST)):
+            objstore.copy(_url(output, NEWEST), _url(output, PREVIOUS))
+        objstore.put_file(tmp, _url(output, NEWEST))
+    finally:
+        tmp.unlink(missing_ok=True)  # the bucket holds it; a resume downloads what it reads
     upload_record(output)
     return _url(output, NEWEST)
 
 
-# The run's record beside its checkpoints in a bucket (the files train.run writes).
-RECORD = ("config.json", "metrics.jsonl", "train.log")
+# The run's record beside its checkpoints in a bucket (the files train.run writes); a resume
+# continues the appended ones.
+APPENDED = ("metrics.jsonl", "train.log")
+RECORD = ("config.json", *APPENDED)
 
 
 def upload_record(output: str | os.PathLike) -> None:
@@ -122,7 +126,7 @@ def fetch_record(output: str | os.PathLike) -> None:
     if not is_remote(output):
         return
     out = local_folder(output)
-    for name in RECORD[1:]:
+    for name in APPENDED:
         if not (out / name).exists() and objstore.exists(_url(output, name)):
             objstore.get_file(_url(output, name), out / name)
 
@@ -159,6 +163,13 @@ def _local_copy(url: str) -> Path:
     return _downloaded[url]
 
 
+def _forget(path: str) -> None:
+    """Delete this process's download of a checkpoint in a bucket (nothing for a local path)."""
+    local = _downloaded.pop(path, None)
+    if local is not None:
+        local.unlink(missing_ok=True)
+
+
 def peek(path: str | os.PathLike) -> dict:
     """{"step", "epoch", "batch"} of a checkpoint, without reading its tensors: memory-mapped, so
     only the file's index and pickle are read. Raises one of UNREADABLE for a damaged file."""
@@ -175,6 +186,7 @@ def newest(output: str | os.PathLike) -> tuple[str, dict] | None:
         try:
             return path, peek(path)
         except UNREADABLE as e:
+            _forget(str(path))
             warnings.warn(f"checkpoint {path} is damaged ({type(e).__name__}: {str(e).splitlines()[0]}); "
                           f"trying the one before it", RuntimeWarning, stacklevel=2)
     return None
@@ -190,8 +202,7 @@ def load(path: str | os.PathLike, map_location="cpu") -> dict:
         try:
             return torch.load(local, map_location=map_location, weights_only=True)
         finally:
-            _downloaded.pop(str(path), None)
-            local.unlink(missing_ok=True)
+            _forget(str(path))
     if not Path(path).is_file():
         raise FileNotFoundError(f"--resume {path}: no such checkpoint")
     return torch.load(path, map_location=map_location, weights_only=True)
