@@ -111,6 +111,31 @@ def _params(p: bytes, width: int, height: int):
     return x, y, w, h, denom, bool(flags & 1), bool(flags & 4), slack
 
 
+def _out_size(x: int, y: int, w: int, h: int, denom: int, tight: bool, slack: int, W: int, H: int):
+    """(rows, full_width, n): the box's rows and the image's width at 1/denom, and the output
+    buffer's size in bytes: whole rows plus slack, or (`tight`) maybe too small."""
+    rows = max(_ceil_div(min(y + h, H), denom) - y // denom, 1)
+    full_width = _ceil_div(W, denom)
+    if tight:  # maybe too small: the requested width plus a little
+        n = (_ceil_div(min(x + w, W), denom) - x // denom + slack % 64) * rows * 3
+    else:
+        n = full_width * rows * 3 + slack % 4096
+    return rows, full_width, max(1, min(n, MAX_OUT))
+
+
+def _check_caller_error(what: str, msg: str, inside: bool, n: int, need: int) -> None:
+    """A ValueError from a decode is the caller's mistake only: a box outside the image, or a
+    buffer of fewer than `need` bytes."""
+    if "outside" in msg:
+        if inside:
+            raise InvariantError(f"{what}: a box inside the image called outside") from None
+    elif "too small" in msg:
+        if n >= need:
+            raise InvariantError(f"{what}: a {n}-byte buffer (of {need} needed) called too small") from None
+    else:
+        raise InvariantError(f"{what}: unexpected ValueError: {msg}") from None
+
+
 def _check_region(name: str, result, buf: np.ndarray, n: int, x: int, y: int, w: int, h: int, denom: int,
                   W: int, H: int) -> None:
     """The box and buffer invariants of a successful decode_region or decode_region_rst."""
@@ -178,10 +203,7 @@ def check_splice(p: bytes, table: bytes, data: bytes) -> str:
         header = None
     W, H = (header[0], header[1]) if header else (64, 64)
     x, y, w, h, denom, fast, tight, slack = _params(p, W, H)
-    rows = max(_ceil_div(min(y + h, H), denom) - y // denom, 1)
-    full_width = _ceil_div(W, denom)
-    n = max(1, min(full_width * rows * 3 + slack % 4096 if not tight else
-                   (_ceil_div(min(x + w, W), denom) - x // denom + slack % 64) * rows * 3, MAX_OUT))
+    rows, full_width, n = _out_size(x, y, w, h, denom, tight, slack, W, H)
     # The table is only checked where it points (a stray marker inside an interval passes it; the
     # scan refuses such a file), so the two may disagree on damaged data; neither may crash.
     outcome = "splice" if _jpeg.restart_layout(data, table) is not None else "splice-none"
@@ -197,15 +219,7 @@ def check_splice(p: bytes, table: bytes, data: bytes) -> str:
         except _jpeg.UnsupportedJPEG:
             pass
         except ValueError as e:
-            msg = str(e)
-            if "outside" in msg:
-                if x < W and y < H and header is not None:
-                    raise InvariantError(f"splice: box ({x}, {y}) inside a {W}x{H} image called outside") from None
-            elif "too small" in msg:
-                if n >= full_width * rows * 3:
-                    raise InvariantError(f"splice: a {n}-byte buffer called too small for {rows} rows") from None
-            else:
-                raise InvariantError(f"splice: unexpected ValueError: {msg}") from None
+            _check_caller_error("splice", str(e), x < W and y < H and header is not None, n, full_width * rows * 3)
         else:
             if header is None:
                 raise InvariantError("decode_region_rst succeeded on a file whose header fails")
@@ -243,13 +257,7 @@ def check_one(blob: bytes) -> str:
     bomb = multi and W * H > _jpeg.get_limits()["max_multiscan_pixels"]
     x, y, w, h, denom, fast, tight, slack = _params(p, W, H)
     outside = x >= W or y >= H
-    rows = max(_ceil_div(min(y + h, H), denom) - y // denom, 1)
-    full_width = _ceil_div(W, denom)
-    if tight:  # maybe too small: the requested width plus a little
-        n = (_ceil_div(min(x + w, W), denom) - x // denom + slack % 64) * rows * 3
-    else:
-        n = full_width * rows * 3 + slack % 4096
-    n = max(1, min(n, MAX_OUT))
+    rows, full_width, n = _out_size(x, y, w, h, denom, tight, slack, W, H)
     buf = np.full(n, FILL, np.uint8)
     outcome = "decoded"
     try:
@@ -263,16 +271,8 @@ def check_one(blob: bytes) -> str:
         if bomb:
             raise InvariantError(f"a multi-scan {W}x{H} bomb was called unsupported") from None
     except ValueError as e:
-        msg = str(e)
         outcome = "caller-error"
-        if "outside" in msg:
-            if not outside:
-                raise InvariantError(f"box ({x}, {y}) inside a {W}x{H} image called outside") from None
-        elif "too small" in msg:
-            if n >= full_width * rows * 3:
-                raise InvariantError(f"a {n}-byte buffer called too small for {rows} rows of {W}") from None
-        else:
-            raise InvariantError(f"unexpected ValueError: {msg}") from None
+        _check_caller_error("decode_region", str(e), not outside, n, full_width * rows * 3)
     else:
         if header is None:
             raise InvariantError("decode_region succeeded on a file whose header fails")
