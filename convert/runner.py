@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 
 from pipeline.shard_format import VERSION, Sample, ShardWriter, new_manifest, shard_entry, shard_name
 
-from .destination import ConvertError, destination
+from .destination import ConvertError, destination, entries_by_name
 from .images import RejectedImage
 
 # An encoder turns one planned item into its sample and the source bytes it read, or raises
@@ -176,7 +176,8 @@ def run_conversion(out: Path | str, tool: str, classes: list[str], splits: dict[
     """
     dest = destination(out, staging)
     dest.prepare()
-    previous = dest.previous_entries()
+    previous_manifest = dest.previous_manifest()
+    previous = entries_by_name(previous_manifest)
     ignored = ignored or {}
     unplanned_rejects = unplanned_rejects or {}
     entries: dict[str, dict[str, dict]] = {s: {} for s in splits}
@@ -191,10 +192,16 @@ def run_conversion(out: Path | str, tool: str, classes: list[str], splits: dict[
                 reports[split].kept_shards += 1
             else:
                 todo.append(job)
-        dest.remove_unplanned(split, {j.name for j in jobs})
+    kept, extra = kept_splits(previous_manifest, splits, classes, dest), dict(extra or {})
+    if kept:  # what an earlier conversion recorded of a split it kept (train's image_size, pixel_stats)
+        extra = {**{k: v for k, v in previous_manifest.items() if k not in MANIFEST_KEYS}, **extra}
+    if todo:
+        dest.retract()
+    for split, jobs in splits.items():
+        dest.remove_unplanned(split, {j.name for j in jobs}, set(previous))
 
     def manifest(complete: bool) -> dict:
-        info = {}
+        info = dict(kept)
         for split, jobs in splits.items():
             done = [entries[split][j.name] for j in jobs if j.name in entries[split]]
             info[split] = {
@@ -202,6 +209,8 @@ def run_conversion(out: Path | str, tool: str, classes: list[str], splits: dict[
                 "rejects": unplanned_rejects.get(split, []) + [r for e in done for r in e["rejects"]],
                 "ignored": {"count": len(ignored.get(split, [])), "examples": ignored.get(split, [])[:20]},
             }
+        if kept:  # one order, whichever split was converted first
+            info = dict(sorted(info.items(), key=lambda kv: (SPLIT_ORDER.get(kv[0], len(SPLIT_ORDER)), kv[0])))
         return new_manifest(tool, options, classes, info, complete, extra)
 
     total_items = sum(len(j.items) for j in todo)
@@ -237,6 +246,31 @@ def run_conversion(out: Path | str, tool: str, classes: list[str], splits: dict[
         rep.bytes_out = sum(e["bytes"] for e in done)
         rep.rejects = unplanned_rejects.get(split, []) + [r for e in done for r in e["rejects"]]
     return final, reports
+
+
+# A manifest's own top-level keys; any other was added by a converter (`extra`).
+MANIFEST_KEYS = {"format", "version", "complete", "tool", "options", "classes", "splits", "rejects"}
+SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
+
+
+def kept_splits(previous: dict | None, splits: dict, classes: list[str], dest) -> dict[str, dict]:
+    """The splits of an earlier conversion into the same place that this run does not convert
+    (`--splits val` after `--splits train`), as their manifest entries, where every shard is intact
+    and the classes are the same; the others are left out of the manifest, with a warning."""
+    kept = {}
+    for split, info in (previous or {}).get("splits", {}).items():
+        if split in splits:
+            continue
+        if previous.get("classes") != classes:
+            why = "it was converted with other classes"
+        elif not all(dest.intact(e) for e in info["shards"]):
+            why = "some of its shards are missing or altered"
+        else:
+            kept[split] = {k: v for k, v in info.items() if k != "samples"}
+            continue
+        print(f"warning: split {split!r} of the earlier conversion in {dest.name} is left out of the manifest: "
+              f"{why}; convert it again with --splits {split}", file=sys.stderr)
+    return kept
 
 
 def split_by_shard(n_shards: int, workers: int) -> bool:

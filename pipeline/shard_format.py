@@ -82,6 +82,10 @@ class ShardError(RuntimeError):
     message names it."""
 
 
+class MissingSplit(ShardError):
+    """The dataset has no such split (not: a split it has could not be read)."""
+
+
 # -- names -------------------------------------------------------------------------------------
 
 def sample_key(index: int) -> str:
@@ -403,7 +407,7 @@ def split_shards(manifest: dict, split: str, origin: str) -> list[dict]:
     if not manifest.get("complete", True):
         raise ShardError(f"{origin}: the conversion has not finished (rerun it to complete)")
     if split not in manifest["splits"]:
-        raise ShardError(f"{origin}: no split {split!r} (has {sorted(manifest['splits'])})")
+        raise MissingSplit(f"{origin}: no split {split!r} (has {sorted(manifest['splits'])})")
     return manifest["splits"][split]["shards"]
 
 

@@ -55,6 +55,17 @@ class SampleTable:
     keys: np.ndarray | None = None  # (N,) bytes: sample keys, for messages
     cls_offset: np.ndarray | None = None  # (N, 2) offset and size of the .cls member (-1: none)
     split: str = "train"
+    shard_bytes: np.ndarray | None = None  # (shards,) int64 size of each shard file or object; None: unknown
+
+    def past_end(self, sample_id: int) -> str | None:
+        """Why sample `sample_id`'s image member cannot be in its shard (its index entry runs past the
+        shard's end), or None. Index entries are untrusted: one is checked before it sizes a read."""
+        if self.shard_bytes is None:
+            return None
+        s = int(self.shard[sample_id])
+        if int(self.offset[sample_id]) + int(self.size[sample_id]) > int(self.shard_bytes[s]):
+            return f"member runs past the end of {self.urls[s]}"
+        return None
 
     def __len__(self) -> int:
         return len(self.shard)
@@ -177,7 +188,9 @@ def _load_indexes(urls: list[str], access: str) -> list[list[fmt.IndexEntry]]:
 
 
 def _build(split: str, urls: list[str], indexes: list[list[fmt.IndexEntry]], access: str, classes: list[str],
-           labels: list[list[int] | None]) -> SampleTable:
+           labels: list[list[int] | None], shard_bytes: list[int] | None = None) -> SampleTable:
+    """The table of a split's samples. `shard_bytes` (each shard's size; for local and object store
+    shards) bounds every index entry before any read is sized by it."""
     shard, offset, size, keys, cls_off, label = [], [], [], [], [], []
     for s, (url, entries) in enumerate(zip(urls, indexes)):
         if labels[s] is not None and len(labels[s]) != len(entries):
@@ -195,7 +208,8 @@ def _build(split: str, urls: list[str], indexes: list[list[fmt.IndexEntry]], acc
     table = SampleTable(urls, [len(e) for e in indexes], np.asarray(shard, np.int32), np.asarray(offset, np.int64),
                         np.asarray(size, np.int64), np.asarray(label, np.int64), access, classes,
                         np.asarray(keys, dtype="S") if n else np.zeros(0, "S1"),
-                        np.asarray(cls_off, np.int64).reshape(n, 2), split)
+                        np.asarray(cls_off, np.int64).reshape(n, 2), split,
+                        None if shard_bytes is None else np.asarray(shard_bytes, np.int64))
     if access == LOCAL:
         _read_local_labels(table)  # version 1 manifests and foreign shards carry no label table
     elif access == RANGED:
@@ -204,11 +218,18 @@ def _build(split: str, urls: list[str], indexes: list[list[fmt.IndexEntry]], acc
 
 
 def _unlabelled(table: SampleTable) -> np.ndarray:
-    """Rows still without a label; a missing .cls member among them is an error naming it."""
+    """Rows still without a label; a missing .cls member among them, or one its index places past
+    the shard's end, is an error naming it."""
     rows = np.flatnonzero(table.label < 0)
     for r in rows[table.cls_offset[rows, 0] < 0][:1]:
         url = table.urls[table.shard[r]]
         raise ShardError(f"{url}: sample {table.key(int(r))!r} has no .{fmt.LABEL_EXT} member")
+    if table.shard_bytes is not None and len(rows):
+        ends = table.cls_offset[rows, 0] + table.cls_offset[rows, 1]
+        for r in rows[ends > table.shard_bytes[table.shard[rows]]][:1]:
+            url = table.urls[table.shard[r]]
+            raise ShardError(f"{url}: sample {table.key(int(r))!r}: its index places the .{fmt.LABEL_EXT} "
+                             f"member past the end of the shard")
     return rows
 
 
@@ -230,34 +251,46 @@ def _read_local_labels(table: SampleTable) -> None:
                 _set_label(table, r, mm[off:off + n])
 
 
+# Labels of bucket shards without a manifest: .cls members this close are read in one request. A
+# full-size ImageNet sample is ~110 KB, so the default gap would cost one request per sample (1.28 M
+# before the first batch); this one reads a shard in a few requests of at most objstore.MAX_MERGED.
+LABEL_MERGE_GAP = 256 << 10
+
+
 def _read_ranged_labels(table: SampleTable) -> None:
-    """Labels the manifest does not carry: the .cls members, read by range requests."""
+    """Labels the manifest does not carry: the .cls members, read by merged range requests."""
     rows = _unlabelled(table)
     if not len(rows):
         return
     off, n = table.cls_offset[rows, 0], table.cls_offset[rows, 1]
     try:
-        blobs = objstore.read_ranges([table.urls[s] for s in table.shard[rows]], off, off + n)
+        blobs = objstore.read_ranges([table.urls[s] for s in table.shard[rows]], off, off + n,
+                                     merge_gap=LABEL_MERGE_GAP)
     except objstore.ObjectStoreError as e:
         raise ShardError(f"shard {e}") from None
     for r, data in zip(rows.tolist(), blobs):
         _set_label(table, r, data)
 
 
-def _check_local_shards(paths: list[Path], entries: list[dict] | None) -> None:
+def _check_local_shards(paths: list[Path], entries: list[dict] | None) -> list[int]:
+    """Every shard exists, at the manifest's size; returns their sizes."""
+    sizes = []
     for i, p in enumerate(paths):
         if not p.is_file():
             raise ShardError(f"shard {p} is missing")
-        if entries is not None and "bytes" in entries[i]:
-            have, want = p.stat().st_size, entries[i]["bytes"]
-            if have != want:
-                raise ShardError(f"shard {p} is truncated or altered: {have} bytes, manifest says {want}")
+        have = p.stat().st_size
+        if entries is not None and "bytes" in entries[i] and have != entries[i]["bytes"]:
+            raise ShardError(f"shard {p} is truncated or altered: {have} bytes, manifest says {entries[i]['bytes']}")
+        sizes.append(have)
+    return sizes
 
 
-def _check_object_shards(urls: list[str], entries: list[dict] | None) -> None:
-    """Every shard and its index exist, at the manifest's size: one listing per folder. Without
-    permission to list, the reads themselves name a missing object."""
+def _check_object_shards(urls: list[str], entries: list[dict] | None) -> list[int]:
+    """Every shard and its index exist, at the manifest's size: one listing per folder. Returns
+    their sizes. Without permission to list, the reads themselves name a missing object, and a
+    size comes from the manifest, else from the object itself."""
     listings: dict[str, dict[str, int] | None] = {}
+    sizes = []
     for i, url in enumerate(urls):
         folder, name = url.rsplit("/", 1)
         if folder not in listings:
@@ -269,6 +302,7 @@ def _check_object_shards(urls: list[str], entries: list[dict] | None) -> None:
                 raise ShardError(f"shards {folder}/: cannot be listed ({e})") from None
         listing = listings[folder]
         if listing is None:
+            sizes.append(_object_size(url, entries[i] if entries is not None else {}))
             continue
         for obj in (name, fmt.index_name(name)):
             if obj not in listing:
@@ -276,6 +310,17 @@ def _check_object_shards(urls: list[str], entries: list[dict] | None) -> None:
         if entries is not None and "bytes" in entries[i] and listing[name] != entries[i]["bytes"]:
             raise ShardError(f"shard {url} is truncated or altered: {listing[name]} bytes, manifest says "
                              f"{entries[i]['bytes']}")
+        sizes.append(listing[name])
+    return sizes
+
+
+def _object_size(url: str, entry: dict) -> int:
+    if "bytes" in entry:
+        return int(entry["bytes"])
+    try:
+        return objstore.size(url)
+    except objstore.ObjectStoreError as e:
+        raise ShardError(f"shard {e}") from None
 
 
 def _check_counts(urls, entries: list[dict], indexes) -> None:
@@ -298,10 +343,10 @@ def open_split(shards: str | os.PathLike, split: str) -> SampleTable:
         manifest = _object_manifest(origin)
         entries = fmt.split_shards(manifest, split, origin)
         urls = [resolve_object(origin, e["name"], origin) for e in entries]
-        _check_object_shards(urls, entries)
+        sizes = _check_object_shards(urls, entries)
         indexes = _load_indexes(urls, RANGED)
         _check_counts(urls, entries, indexes)
-        return _build(split, urls, indexes, RANGED, manifest["classes"], [e.get("labels") for e in entries])
+        return _build(split, urls, indexes, RANGED, manifest["classes"], [e.get("labels") for e in entries], sizes)
     if is_url(spec) and spec.endswith(".json"):
         manifest = fmt.parse_manifest(http_get(spec), spec)
         entries = fmt.split_shards(manifest, split, spec)
@@ -316,11 +361,11 @@ def open_split(shards: str | os.PathLike, split: str) -> SampleTable:
     origin = str(folder / fmt.MANIFEST_NAME)
     entries = fmt.split_shards(manifest, split, origin)
     paths = [resolve_local(folder, e["name"], origin) for e in entries]
-    _check_local_shards(paths, entries)
+    sizes = _check_local_shards(paths, entries)
     indexes = _load_indexes([str(p) for p in paths], LOCAL)
     _check_counts(paths, entries, indexes)
     return _build(split, [str(p) for p in paths], indexes, LOCAL, manifest["classes"],
-                  [e.get("labels") for e in entries])
+                  [e.get("labels") for e in entries], sizes)
 
 
 def read_manifest(shards: str | os.PathLike) -> dict | None:
@@ -390,7 +435,8 @@ def _open_pattern(spec: str, split: str) -> SampleTable:
 
     urls = list(braceexpand(spec))
     access = _access_of(spec)
-    if any(_access_of(u) != access for u in urls):
+    if any(_access_of(u) != access for u in urls) or \
+            (access == RANGED and len({objstore.split_url(u)[0] for u in urls}) > 1):
         raise ShardError(f"shards {spec}: a pattern must name shards of one kind (files, http or one object store)")
     manifests: dict[str, tuple[dict | None, str]] = {}
     classes, labels, described = [], [], []
@@ -403,14 +449,15 @@ def _open_pattern(spec: str, split: str) -> SampleTable:
         if manifest is None:
             named = fmt.split_in_name(name)
             if named is not None and named != split:
-                raise ShardError(f"shard {u}: its name says split {named!r}, not {split!r} (and no "
+                raise fmt.MissingSplit(f"shard {u}: its name says split {named!r}, not {split!r} (and no "
                                  f"{fmt.MANIFEST_NAME} beside it says otherwise)")
             labels.append(None)
             continue
         owner = fmt.shard_split(manifest, name)
         if owner != split:
+            error = fmt.MissingSplit if owner else ShardError  # another split's shard: the pattern has none of this
             where = f"belongs to split {owner!r}" if owner else "is not listed"
-            raise ShardError(f"shard {u} {where} in {origin}, not to split {split!r}")
+            raise error(f"shard {u} {where} in {origin}, not to split {split!r}")
         entry = next(e for e in fmt.split_shards(manifest, split, origin) if fmt.posix_basename(e["name"]) == name)
         labels.append(entry.get("labels"))
         described.append(entry)
@@ -418,11 +465,12 @@ def _open_pattern(spec: str, split: str) -> SampleTable:
             raise ShardError(f"shards {spec}: their manifests list different classes")
         classes = manifest["classes"]
     described = described if len(described) == len(urls) else None
+    sizes = None  # streamed shards are read whole: a stream has no ranges to bound
     if access == LOCAL:
-        _check_local_shards([Path(u) for u in urls], described)
+        sizes = _check_local_shards([Path(u) for u in urls], described)
     elif access == RANGED:
-        _check_object_shards(urls, described)
+        sizes = _check_object_shards(urls, described)
     indexes = _load_indexes(urls, access)
     if described is not None:
         _check_counts(urls, described, indexes)
-    return _build(split, urls, indexes, access, classes, labels)
+    return _build(split, urls, indexes, access, classes, labels, sizes)

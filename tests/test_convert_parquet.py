@@ -389,3 +389,13 @@ def test_converts_straight_to_a_bucket(s3_env, tmp_path):
                 "--keep-png", "--workers", 1, "--no-progress", timeout=300)
     assert r.returncode == 0, r.stderr
     assert bucket_files(url) == folder_files(tmp_path / "local")
+
+
+def test_converting_one_split_at_a_time_keeps_the_others(hub_imagenet, tmp_path):
+    from convert.parquet_to_shards import convert
+
+    src, _ = hub_imagenet
+    convert(src, tmp_path / "whole", workers=1, progress=False)
+    convert(src, tmp_path / "out", splits=["train"], workers=1, progress=False)
+    convert(src, tmp_path / "out", splits=["val"], workers=1, progress=False)
+    assert all_bytes(tmp_path / "out") == all_bytes(tmp_path / "whole")  # the manifest too: both splits

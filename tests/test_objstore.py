@@ -243,7 +243,7 @@ def test_converting_to_a_bucket_uploads_the_manifest_last_and_resumes(s3_env, tm
     assert shards[2] in log.names and not set(shards[:2]) & set(log.names)
     assert log.names[-1] == MANIFEST_NAME and not any(log.manifest_seen)
     assert bucket_files(url) == want  # the same bytes as a local conversion
-    assert not staging.exists()
+    assert list(staging.iterdir()) == []  # the converter's own subfolder is gone; the user's folder stays
 
     with monkeypatch.context() as m:  # again, staging gone: the bucket's manifest says what is done
         log = UploadLog(m, url)

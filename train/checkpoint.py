@@ -13,6 +13,12 @@ object or all of the new one), after a server-side copy has made the newest the 
 
 Writes are atomic (temp file, fsync, rename; a PUT). Reads use `torch.load(weights_only=True)`: a
 checkpoint holds only tensors and plain containers, so a crafted file cannot run code.
+
+Two kinds of failure are kept apart. A checkpoint whose bytes were read and are not a checkpoint
+(truncated, empty, foreign) is damaged: `newest()` warns and falls back to the one before it. A
+checkpoint that could not be read at all (a download that failed past its retries, access denied,
+an I/O error) raises `CheckpointUnavailable`, naming it and the cause: it may be good, so neither an
+older checkpoint nor a fresh start may take its place.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import os
 import pickle
 import posixpath
 import shutil
+import socket
 import warnings
 from pathlib import Path
 
@@ -31,8 +38,22 @@ NEWEST = "checkpoint.pth.tar"
 PREVIOUS = "checkpoint.prev.pth.tar"
 BEST = "model_best.pth.tar"
 
-# What torch.load raises on a truncated, empty or foreign file.
-UNREADABLE = (RuntimeError, EOFError, OSError, ValueError, KeyError, pickle.UnpicklingError)
+# What torch.load (and `peek`) raise on bytes that are not a complete checkpoint: a truncated, empty
+# or foreign file. Not OSError: a file or object that could not be read says nothing of its bytes.
+DAMAGED = (RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError)
+
+
+class CheckpointUnavailable(OSError):
+    """A checkpoint exists but could not be read (fetch failed, access denied, I/O error). It may be
+    good: a run must stop rather than fall back to an older one or start afresh."""
+
+    def __init__(self, path, cause: BaseException):
+        super().__init__(f"checkpoint {objstore.redact(str(path))} could not be read "
+                         f"({type(cause).__name__}: {objstore.redact(str(cause)).splitlines()[0] if str(cause) else ''}); "
+                         f"it may be intact, so the run neither falls back to an older checkpoint nor starts "
+                         f"afresh: fix the cause and start it again")
+        self.path = str(path)
+        self.cause = cause
 
 
 def _write_synced(obj: dict, path: Path) -> None:
@@ -121,14 +142,25 @@ def upload_record(output: str | os.PathLike) -> None:
 
 
 def fetch_record(output: str | os.PathLike) -> None:
-    """Before a resume from a bucket: download the log and metrics the local mirror lacks (a
-    restart on another machine), so they continue rather than start over."""
+    """Before a resume from a bucket: bring the local mirror's log and metrics up to the bucket's,
+    which is the record. The mirror may be missing them (a restart on another node) or hold an
+    older copy (rank 0 back on a node it left): the bucket's copy replaces it, unless the local one
+    is the bucket's plus lines written after its last upload (this node's own newer copy)."""
     if not is_remote(output):
         return
     out = local_folder(output)
     for name in APPENDED:
-        if not (out / name).exists() and objstore.exists(_url(output, name)):
-            objstore.get_file(_url(output, name), out / name)
+        try:
+            remote = objstore.get(_url(output, name))
+        except objstore.ObjectNotFound:
+            continue  # never uploaded: the local copy, if any, is all there is
+        local = out / name
+        mine = local.read_bytes() if local.is_file() else None
+        if mine is not None and mine.startswith(remote):
+            continue
+        tmp = out / f".{name}.partial"
+        tmp.write_bytes(remote)
+        os.replace(tmp, local)
 
 
 def save_best(output: str | os.PathLike) -> str:
@@ -149,18 +181,49 @@ def candidates(output: str | os.PathLike) -> list[str]:
 
 # Checkpoints in a bucket, downloaded once in this process: URL -> local file.
 _downloaded: dict[str, Path] = {}
+_RESUME_PREFIX = ".resume-"
 
 
 def _local_copy(url: str) -> Path:
-    """A local file with the object's bytes (downloaded atomically, once per process)."""
+    """A local file with the object's bytes (downloaded atomically, once per process), named after
+    this host and process; a download a dead process of this host left behind is removed first."""
     if url not in _downloaded:
         scheme, bucket, key = objstore.split_url(url)
         folder = local_folder(f"{scheme}://{bucket}/{posixpath.dirname(key)}")
         folder.mkdir(parents=True, exist_ok=True)
-        local = folder / f".resume-{os.getpid()}-{posixpath.basename(key)}"
+        _remove_dead_downloads(folder)
+        local = folder / f"{_RESUME_PREFIX}{_host()}-{os.getpid()}-{posixpath.basename(key)}"
         objstore.get_file(url, local)
         _downloaded[url] = local
     return _downloaded[url]
+
+
+def _host() -> str:
+    return socket.gethostname().replace("-", "_") or "host"
+
+
+def _remove_dead_downloads(folder: Path) -> None:
+    """Delete `.resume-HOST-PID-*` files (and their partial downloads) of this host whose process is
+    gone: a rank killed while resuming leaves one behind. Another host's files are left alone (its
+    processes cannot be seen from here), and so is any file this code did not name."""
+    host = _host()
+    for f in folder.iterdir():
+        name = f.name[1:] if f.name.startswith(".") and f.name.endswith(".partial") else f.name
+        if not name.startswith(f"{_RESUME_PREFIX}{host}-"):
+            continue
+        pid = name[len(f"{_RESUME_PREFIX}{host}-"):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            f.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
 
 
 def _forget(path: str) -> None:
@@ -170,22 +233,37 @@ def _forget(path: str) -> None:
         local.unlink(missing_ok=True)
 
 
+def _read(path: str | os.PathLike, map_location="cpu", mmap: bool = False) -> dict:
+    """torch.load of a checkpoint file or object. Raises CheckpointUnavailable when it cannot be
+    read, one of DAMAGED when its bytes are not a checkpoint."""
+    try:
+        local = _local_copy(str(path)) if is_remote(path) else path
+        return torch.load(local, map_location=map_location, weights_only=True, mmap=mmap)
+    except OSError as e:
+        raise CheckpointUnavailable(path, e) from e
+
+
 def peek(path: str | os.PathLike) -> dict:
     """{"step", "epoch", "batch"} of a checkpoint, without reading its tensors: memory-mapped, so
-    only the file's index and pickle are read. Raises one of UNREADABLE for a damaged file."""
-    if is_remote(path):
-        path = _local_copy(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    only the file's index and pickle are read. Raises one of DAMAGED for a damaged file,
+    CheckpointUnavailable for one that could not be read."""
+    state = _read(path, mmap=True)
     return {"step": int(state["step"]), "epoch": int(state["epoch"]), "batch": int(state["loader"]["batch"])}
 
 
 def newest(output: str | os.PathLike) -> tuple[str, dict] | None:
-    """(path, peek of it) of the newest checkpoint in `output` that is complete, or None. A
-    damaged file is skipped with a warning naming it, and the previous checkpoint is used."""
-    for path in candidates(output):
+    """(path, peek of it) of the newest checkpoint in `output` that is complete, or None when there
+    is none. A damaged file is skipped with a warning naming it, and the previous checkpoint is
+    used. One that could not be read (or listed) raises CheckpointUnavailable: it may be the good
+    newest one."""
+    try:
+        paths = candidates(output)
+    except OSError as e:
+        raise CheckpointUnavailable(_url(output, NEWEST) if is_remote(output) else Path(output) / NEWEST, e) from e
+    for path in paths:
         try:
             return path, peek(path)
-        except UNREADABLE as e:
+        except DAMAGED as e:
             _forget(str(path))
             warnings.warn(f"checkpoint {path} is damaged ({type(e).__name__}: {str(e).splitlines()[0]}); "
                           f"trying the one before it", RuntimeWarning, stacklevel=2)
@@ -193,19 +271,17 @@ def newest(output: str | os.PathLike) -> tuple[str, dict] | None:
 
 
 def load(path: str | os.PathLike, map_location="cpu") -> dict:
-    """A checkpoint's state, from a file or a bucket (`s3://.../checkpoint.pth.tar`)."""
-    if is_remote(path):
-        try:
-            local = _local_copy(str(path))
-        except objstore.ObjectNotFound:
+    """A checkpoint's state, from a file or a bucket (`s3://.../checkpoint.pth.tar`). Raises
+    FileNotFoundError when there is none, CheckpointUnavailable when it could not be read, one of
+    DAMAGED when its bytes are not a checkpoint."""
+    try:
+        return _read(path, map_location)
+    except CheckpointUnavailable as e:
+        if isinstance(e.cause, FileNotFoundError):
             raise FileNotFoundError(f"--resume {path}: no such checkpoint") from None
-        try:
-            return torch.load(local, map_location=map_location, weights_only=True)
-        finally:
-            _forget(str(path))
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"--resume {path}: no such checkpoint")
-    return torch.load(path, map_location=map_location, weights_only=True)
+        raise
+    finally:
+        _forget(str(path))
 
 
 def strip_module_prefix(state_dict: dict) -> dict:

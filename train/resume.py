@@ -42,11 +42,32 @@ def newest_rank(reports: list[tuple[str, dict] | None]) -> int | None:
     return best
 
 
-def agree(resume: str, output: str | os.PathLike, rank: int, world: int) -> Resumed | None:
-    """The checkpoint every rank resumes from (None: start afresh). Collective: every rank calls it."""
+def raise_together(error: str | None, rank: int, world: int) -> None:
+    """Collective: raise CheckpointError on every rank when any rank has an error (the lowest
+    rank's message, naming the rank). A rank that fails alone before a collective would leave the
+    others waiting in it: a launch without torchrun's agent has nobody to stop them."""
+    errors = [error]
+    if world > 1:
+        errors = [None] * world
+        dist.all_gather_object(errors, error)
+    for r, e in enumerate(errors):
+        if e is not None:
+            raise CheckpointError(e if world == 1 or r == rank else f"rank {r}: {e}")
+
+
+def agree(resume: str, output: str | os.PathLike, rank: int, world: int, error: str | None = None) -> Resumed | None:
+    """The checkpoint every rank resumes from (None: start afresh). Collective: every rank calls it.
+    `error` is a failure of this rank's preparation (fetching the run's record): every rank then
+    raises, rather than one rank dying while the others wait."""
     if resume == "auto":
         # A bucket is one store that every rank sees: rank 0 alone looks (and downloads).
-        mine = checkpoint.newest(output) if rank == 0 or not checkpoint.is_remote(output) else None
+        mine = None
+        if error is None and (rank == 0 or not checkpoint.is_remote(output)):
+            try:
+                mine = checkpoint.newest(output)
+            except checkpoint.CheckpointUnavailable as e:
+                error = str(e)
+        raise_together(error, rank, world)
         reports = [mine]
         if world > 1:
             reports = [None] * world
@@ -56,14 +77,15 @@ def agree(resume: str, output: str | os.PathLike, rank: int, world: int) -> Resu
             return None
         path = reports[reader][0]
     else:
+        raise_together(error, rank, world)
         reader, path = 0, resume
     state = error = None
     if rank == reader:
         try:
             state = checkpoint.load(path)
-        except FileNotFoundError as e:
+        except (FileNotFoundError, checkpoint.CheckpointUnavailable) as e:
             error = str(e)
-        except checkpoint.UNREADABLE as e:
+        except checkpoint.DAMAGED as e:
             error = f"checkpoint {path} cannot be read: {type(e).__name__}: {str(e).splitlines()[0]}"
     if world > 1:
         box = [(state, error)]

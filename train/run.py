@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.objstore import ObjectStoreError
-from pipeline.shard_format import ManifestError, ShardError
+from pipeline.shard_format import ManifestError, MissingSplit, ShardError
 
 from . import checkpoint, recipes
 from .checkpoint import strip_module_prefix
@@ -123,8 +123,8 @@ def build_loaders(cfg: TrainConfig, device: Device, info: DistInfo, input_dtype:
         try:
             val = create_loader(cfg.shards, split=cfg.val_split, batch_size=cfg.batch_size, backend=backend,
                                 val_resize=cfg.val_resize, **common)
-        except ShardError as e:  # a dataset without val trains without evaluation, and says so
-            if info.main:
+        except MissingSplit as e:  # a dataset without val trains without evaluation, and says so; a val
+            if info.main:          # split that exists but cannot be read is an error (ShardError) naming it
                 print(f"warning: no {cfg.val_split} split ({e}); training without evaluation", file=sys.stderr)
     return train, val
 
@@ -157,6 +157,8 @@ def validate(model, loader, criterion, precision: Precision, info: DistInfo, log
     sums = torch.zeros(4, dtype=torch.float64, device=dev)  # correct@1, correct@5, loss sum, count
     with torch.no_grad(), precision.autocast():
         for x, y in loader:
+            if not len(y):
+                continue  # a rank past the end of a split smaller than the world: its mean loss would be NaN
             out = model(x).float()
             c1, c5 = topk_correct(out, y)
             sums += torch.stack([c1.double(), c5.double(), criterion(out, y).double() * len(y),
@@ -189,16 +191,20 @@ def train(cfg: TrainConfig, spawn_index: int | None = None) -> dict:
     # The run folder, or for --output s3://... its local mirror (checkpoints go to the bucket, and
     # the log, metrics and config follow each one there).
     out = checkpoint.local_folder(cfg.output)
+    record_error = None
     if info.main:
         out.mkdir(parents=True, exist_ok=True)
         if cfg.resume:
-            checkpoint.fetch_record(cfg.output)  # a restart on another machine continues its metrics
+            try:  # the bucket holds the record: the mirror continues the bucket's log and metrics
+                checkpoint.fetch_record(cfg.output)
+            except ObjectStoreError as e:
+                record_error = f"the run's record in {cfg.output} could not be read ({e})"
     log = setup_logging(out if info.main else None, info.rank)
     if (hazard := torchrun_restart_hazard()) is not None:
         log.info(hazard)
     # Before anything is built: every rank agrees on the checkpoint (a collective), and a resumed
     # run drops the rows its dead attempt logged after it, as the steps are redone.
-    resumed = agree(cfg.resume, cfg.output, info.rank, info.world) if cfg.resume else None
+    resumed = agree(cfg.resume, cfg.output, info.rank, info.world, record_error) if cfg.resume else None
     redone: list[dict] = []
     if resumed is None and cfg.resume == "auto":
         if cfg.evaluate:
