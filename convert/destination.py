@@ -165,9 +165,9 @@ class Bucket:
         """As LocalFolder's, in the bucket and in the staging folder (which is the converter's own)."""
         for p in _unplanned_local(self.folder, split, planned):
             p.unlink(missing_ok=True)
-        keep = planned | {index_name(n) for n in planned}
+        keep, ours = _with_indexes(planned), _with_indexes(known)
         for name in sorted(self._objects):
-            if is_split_file(name, split) and name not in keep and name in _with_indexes(known):
+            if is_split_file(name, split) and name not in keep and name in ours:
                 self._retract()
                 self._call("deleting", objstore.remove, f"{self.url}/{name}")
                 del self._objects[name]

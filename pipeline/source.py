@@ -435,8 +435,7 @@ def _open_pattern(spec: str, split: str) -> SampleTable:
 
     urls = list(braceexpand(spec))
     access = _access_of(spec)
-    if any(_access_of(u) != access for u in urls) or \
-            (access == RANGED and len({objstore.split_url(u)[0] for u in urls}) > 1):
+    if any(_access_of(u) != access for u in urls):
         raise ShardError(f"shards {spec}: a pattern must name shards of one kind (files, http or one object store)")
     manifests: dict[str, tuple[dict | None, str]] = {}
     classes, labels, described = [], [], []
@@ -450,7 +449,7 @@ def _open_pattern(spec: str, split: str) -> SampleTable:
             named = fmt.split_in_name(name)
             if named is not None and named != split:
                 raise fmt.MissingSplit(f"shard {u}: its name says split {named!r}, not {split!r} (and no "
-                                 f"{fmt.MANIFEST_NAME} beside it says otherwise)")
+                                       f"{fmt.MANIFEST_NAME} beside it says otherwise)")
             labels.append(None)
             continue
         owner = fmt.shard_split(manifest, name)

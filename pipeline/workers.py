@@ -66,12 +66,13 @@ def _exit_with(owner: int, pdeathsig: bool) -> None:
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         except (OSError, AttributeError):
             pass  # the watchdog below still covers it
-    if not _alive(owner):
+    if not process_alive(owner):
         os._exit(1)  # the owner died before the death signal was armed
     threading.Thread(target=_watch_owner, args=(owner, parent), name="owner-watchdog", daemon=True).start()
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this machine (a zombie counts until it is reaped)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -98,7 +99,7 @@ def _watch_owner(owner: int, parent: int) -> None:
                 os._exit(1)
         else:
             time.sleep(OWNER_POLL_S)
-        if os.getppid() != parent or not _alive(owner):
+        if os.getppid() != parent or not process_alive(owner):
             os._exit(1)
 
 

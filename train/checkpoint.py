@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from pipeline import objstore
+from pipeline.workers import process_alive
 
 NEWEST = "checkpoint.pth.tar"
 PREVIOUS = "checkpoint.prev.pth.tar"
@@ -48,10 +49,10 @@ class CheckpointUnavailable(OSError):
     good: a run must stop rather than fall back to an older one or start afresh."""
 
     def __init__(self, path, cause: BaseException):
-        super().__init__(f"checkpoint {objstore.redact(str(path))} could not be read "
-                         f"({type(cause).__name__}: {objstore.redact(str(cause)).splitlines()[0] if str(cause) else ''}); "
-                         f"it may be intact, so the run neither falls back to an older checkpoint nor starts "
-                         f"afresh: fix the cause and start it again")
+        why = objstore.describe(cause).splitlines()[0]
+        super().__init__(f"checkpoint {objstore.redact(str(path))} could not be read ({why}); it may be intact, so "
+                         f"the run neither falls back to an older checkpoint nor starts afresh: fix the cause and "
+                         f"start it again")
         self.path = str(path)
         self.cause = cause
 
@@ -212,18 +213,8 @@ def _remove_dead_downloads(folder: Path) -> None:
         if not name.startswith(f"{_RESUME_PREFIX}{host}-"):
             continue
         pid = name[len(f"{_RESUME_PREFIX}{host}-"):].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
             f.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's live process
-    return True
 
 
 def _forget(path: str) -> None:
