@@ -299,7 +299,7 @@ def s3_bucket(s3_env) -> str:
 @pytest.fixture
 def s3_proxy(s3_env, monkeypatch):
     """A fault-injecting proxy (s3_server.FaultProxy) in front of the server, AWS_ENDPOINT_URL
-    pointing at it; call `.cut(n)` / `.fail(n)` to inject faults."""
+    pointing at it; call `.cut(n)` / `.fail(n)`, or `.inject(action, method, key)`, to inject faults."""
     proxy = FaultProxy(("127.0.0.1", s3_env.port))
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
     yield proxy
@@ -367,3 +367,156 @@ def descendants(pid: int) -> set[int]:
             out.add(c)
             todo.append(c)
     return out
+
+
+# -- the fault matrix (test_fault_matrix.py): each cell's verdict, printed after the run ---------
+
+# (phase, fault) -> (verdict, why it failed), in collection order.
+FAULT_MATRIX: dict[tuple[str, str], tuple[str, str]] = {}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "fault_cell(phase, fault, verdict): one cell of the fault matrix; "
+                                       "`verdict` is what it asserts (continues / stops)")
+
+
+def pytest_collection_finish(session):
+    for item in session.items:  # those selected to run
+        if (m := item.get_closest_marker("fault_cell")) is not None:
+            FAULT_MATRIX[m.args[:2]] = ("not run", "")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    marker = item.get_closest_marker("fault_cell")
+    if marker is None:
+        return
+    report = outcome.get_result()
+    phase, fault, verdict = marker.args
+    if report.failed:
+        why = str(call.excinfo.value).strip().splitlines()[0] if call.excinfo is not None else report.when
+        FAULT_MATRIX[(phase, fault)] = ("FAILS", f"{why[:160]}" + (" (in setup)" if report.when == "setup" else ""))
+    elif report.skipped:
+        FAULT_MATRIX[(phase, fault)] = ("skipped", "")
+    elif report.when == "call":
+        FAULT_MATRIX[(phase, fault)] = (verdict, "")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The fault matrix, phases down, faults across: what each cell asserted and held, or FAILS."""
+    if not FAULT_MATRIX:
+        return
+    phases = list(dict.fromkeys(p for p, _ in FAULT_MATRIX))
+    faults = list(dict.fromkeys(f for _, f in FAULT_MATRIX))
+    rows = [["phase \\ fault", *faults]] + [[p, *(FAULT_MATRIX.get((p, f), ("-", ""))[0] for f in faults)]
+                                            for p in phases]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    tr = terminalreporter
+    tr.write_sep("=", "fault matrix")
+    for r in rows:
+        tr.write_line("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    tr.write_line("continues: went on from the newest good state; stops: exited naming the object and the cause.")
+    tr.write_line("Every cell also checks that no checkpoint, shard, record row or user file was lost.")
+    for (p, f), (verdict, why) in FAULT_MATRIX.items():
+        if verdict == "FAILS":
+            tr.write_line(f"FAILS {p} x {f}: {why}")
+
+
+# -- processes that start warm: forked from one that has done the imports ---------------------------
+
+_FORKER_SOURCE = r"""
+import importlib, json, os, resource, sys, traceback
+setup, preload = json.loads(sys.argv[1])
+for name in preload:
+    importlib.import_module(name)
+exec(setup)
+for line in sys.stdin:
+    req = json.loads(line)
+    if req["op"] == "start":
+        pid = os.fork()
+        if pid == 0:
+            log = os.open(req["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(log, 1)
+            os.dup2(log, 2)
+            os.environ.update(req["env"])
+            module, _, function = req["target"].partition(":")
+            try:
+                rc = getattr(importlib.import_module(module), function)(req["argv"])
+            except BaseException:
+                traceback.print_exc()
+                rc = 1
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(rc or 0)
+        reply = {"pid": pid}
+    else:  # "reap": the exit status of a child that has ended
+        reply = {"rc": os.waitstatus_to_exitcode(os.waitpid(req["pid"], 0)[1])}
+    print(json.dumps(reply), flush=True)
+"""
+
+
+class WarmChild:
+    """A child of a Forker, with the part of subprocess.Popen's interface the tests use."""
+
+    def __init__(self, forker: "Forker", pid: int):
+        self.forker, self.pid, self.returncode = forker, pid, None
+
+    def poll(self) -> int | None:
+        if self.returncode is None and proc_state(self.pid) is None:  # ended (a zombie until reaped)
+            self.returncode = self.forker.ask({"op": "reap", "pid": self.pid})["rc"]
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        import subprocess
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout)
+            time.sleep(0.01)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        import signal
+
+        self.send_signal(signal.SIGKILL)
+
+
+class Forker:
+    """A Python process that imports `preload` (and runs `setup`) once, then forks a child for each
+    `start`: a real process of its own (its pid can be SIGKILLed, its limits set), which starts
+    with the imports done instead of spending seconds on them, as `python -m` would. Children
+    call `target` ("module:function") with their argv, output to a log file, and exit with what
+    it returns (1 and a traceback if it raises)."""
+
+    def __init__(self, preload: list[str], setup: str = "", env: dict[str, str] | None = None):
+        import json
+        import subprocess
+
+        self.proc = subprocess.Popen([sys.executable, "-c", _FORKER_SOURCE, json.dumps([setup, preload])],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                                     env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+
+    def ask(self, request: dict) -> dict:
+        import json
+
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the forker exited ({self.proc.wait()})")
+        return json.loads(line)
+
+    def start(self, target: str, argv: list[str], log: Path, env: dict[str, str] | None = None) -> WarmChild:
+        return WarmChild(self, self.ask({"op": "start", "target": target, "argv": [str(a) for a in argv],
+                                         "log": str(log), "env": env or {}})["pid"])
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(30)
