@@ -66,6 +66,7 @@ class LocalFolder:
     def __init__(self, folder: Path):
         self.folder = folder
         self.name = str(folder)
+        self.flag = "--out"  # the flag that chose `folder`, for messages
 
     def prepare(self) -> None:
         _prepare_folder(self.folder, f"--out {self.name}")
@@ -113,6 +114,7 @@ class Bucket:
         self.url = url.rstrip("/")
         self.name = url
         self.folder = staging
+        self.flag = "--staging"
         self._objects: dict[str, int] = {}
         self._retracted = False
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from pipeline import objstore
 from pipeline.shard_format import VERSION, Sample, ShardWriter, new_manifest, shard_entry, shard_name
 
 from .destination import ConvertError, destination, entries_by_name
@@ -233,6 +234,11 @@ def run_conversion(out: Path | str, tool: str, classes: list[str], splits: dict[
 
     try:
         _write_all(todo, dest.folder, strict, workers, on_progress, on_done)
+    except OSError as e:
+        if e.errno not in objstore.LOCAL_WRITE_ERRNOS:
+            raise
+        raise ConvertError(f"{dest.flag}: {objstore.local_write_error(e, dest.folder)}; the shards finished "
+                           f"so far are kept: free space and rerun the same command to resume") from None
     finally:
         bar.close()
     final = manifest(True)

@@ -39,6 +39,9 @@ MAX_MERGED = 32 << 20
 
 # What s3fs maps a malformed request to (a bad range, a too long name); retrying cannot help.
 _PERMANENT_ERRNOS = (errno.EINVAL, errno.ENAMETOOLONG, errno.EMSGSIZE)
+# A local disk that refuses a write (full, over quota or file size limit, read-only): never a
+# network failure to retry, and the message must name the local path.
+LOCAL_WRITE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS)
 _USERINFO = re.compile(r"(\w+://)[^/@\s]*@")
 
 
@@ -228,7 +231,8 @@ def copy(src: str, dst: str) -> None:
     readers of `dst` see the old object or all of the new one."""
     if split_url(src)[:2] != split_url(dst)[:2]:
         raise ValueError(f"copy: {redact(src)} and {redact(dst)} are not in one bucket")
-    _retrying("copy", dst, lambda: filesystem(src).copy(_path(src), _path(dst)))
+    # Named by its source: a missing object is the source (the copy creates its target).
+    _retrying(f"copy to {redact(dst)}", src, lambda: filesystem(src).copy(_path(src), _path(dst)))
 
 
 def get_file(url: str, local_path: str | os.PathLike) -> None:
@@ -237,8 +241,13 @@ def get_file(url: str, local_path: str | os.PathLike) -> None:
     tmp = os.path.join(os.path.dirname(local_path) or ".", f".{os.path.basename(local_path)}.partial")
 
     def download():
-        filesystem(url).get_file(_path(url), tmp)
-        os.replace(tmp, local_path)
+        try:
+            filesystem(url).get_file(_path(url), tmp)
+            os.replace(tmp, local_path)
+        except OSError as e:
+            if e.errno in LOCAL_WRITE_ERRNOS:
+                raise local_write_error(e, local_path) from None
+            raise
 
     try:
         _retrying("download", url, download)
@@ -291,6 +300,23 @@ def _wait(failures: int, what: str, url: str, error: BaseException, detail: str 
     time.sleep(delay)
 
 
+def local_write_error(error: OSError, path: str | os.PathLike) -> OSError:
+    """An OSError naming the local `path` a write to was refused, and why (disk full, ...)."""
+    return OSError(error.errno, f"{os.fspath(path)}: cannot write ({os.strerror(error.errno)})")
+
+
+def local_write_failure(error: BaseException) -> OSError | None:
+    """The refused local write behind `error`, if any: itself, or an OSError it was raised from
+    (torch.save reports a full disk as a RuntimeError whose context is the OSError)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError) and error.errno in LOCAL_WRITE_ERRNOS:
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def describe(error: BaseException) -> str:
     return redact(f"{type(error).__name__}: {error}")
 
@@ -304,7 +330,7 @@ def is_transient(error: BaseException) -> bool:
     if isinstance(error, (ShortRead, TimeoutError, ConnectionError)):
         return True
     if isinstance(error, OSError):  # s3fs turns 5xx and throttling into OSError(EIO, ...)
-        return error.errno not in _PERMANENT_ERRNOS
+        return error.errno not in _PERMANENT_ERRNOS + LOCAL_WRITE_ERRNOS
     package = type(error).__module__.split(".")[0]
     if package == "aiohttp":  # a payload cut short, a server that disconnected, ...
         return True

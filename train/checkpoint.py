@@ -44,6 +44,11 @@ BEST = "model_best.pth.tar"
 DAMAGED = (RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError)
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used or written; the message names it and why. train.run stops on it
+    with that message."""
+
+
 class CheckpointUnavailable(OSError):
     """A checkpoint exists but could not be read (fetch failed, access denied, I/O error). It may be
     good: a run must stop rather than fall back to an older one or start afresh."""
@@ -58,10 +63,21 @@ class CheckpointUnavailable(OSError):
 
 
 def _write_synced(obj: dict, path: Path) -> None:
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    """Write `obj` to `path` and sync it. A disk that refuses the write (full, over quota) raises
+    CheckpointError naming the folder and the cause, and leaves no partial file: torch.save reports
+    it as a RuntimeError about the zip stream, its OSError only in the context."""
+    try:
+        with open(path, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as e:
+        refused = objstore.local_write_failure(e)
+        if refused is None:
+            raise
+        path.unlink(missing_ok=True)
+        raise CheckpointError(f"checkpoint not written: {objstore.local_write_error(refused, path.parent)}; the "
+                              f"checkpoints before it are intact (free space and resume)") from e
 
 
 def save_atomic(obj: dict, path: str | os.PathLike) -> None:

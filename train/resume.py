@@ -19,10 +19,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 
 from . import checkpoint
-
-
-class CheckpointError(RuntimeError):
-    pass
+from .checkpoint import CheckpointError
 
 
 @dataclass
