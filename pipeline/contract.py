@@ -1,12 +1,17 @@
 """The one contract every loader backend honours (`BatchLoader`), and its configuration.
 
-    len(loader)                      batches per epoch, identical on every rank
+    len(loader)                      batches per epoch, identical on every rank (in an epoch resumed
+                                     from another world size: this world's batches of what is left)
     loader.num_samples               samples this rank yields per epoch (val: its exactly-once share)
     loader.num_classes               classes of the dataset (None when the shards cannot tell)
     loader.set_epoch(e)              selects epoch e's order and augmentation
     for images, labels in loader:    images (B, 3, H, W) on `device`, labels int64 on `device`
     loader.state_dict()              where to resume: right after the last batch this loader yielded
-    loader.load_state_dict(sd)       the next iteration continues from there, bitwise as if uninterrupted
+    loader.load_state_dict(sd)       the next iteration continues from there, bitwise as if uninterrupted;
+                                     a train state from any rank of another world size continues the
+                                     epoch's global order (each sample at most once across the worlds)
+    loader.epoch_offset              samples of the current epoch's order other world sizes consumed
+                                     before this loader's plan of it (0 unless the world changed)
     loader.stats                     a LoaderStats, fields meaning the same in every backend
     loader.close()                   frees workers, threads, maps and device buffers; idempotent
 
@@ -39,6 +44,9 @@ class BatchLoader(Protocol):
     def __len__(self) -> int: ...
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+    @property
+    def epoch_offset(self) -> int: ...
 
     def set_epoch(self, epoch: int) -> None: ...
 

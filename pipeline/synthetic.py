@@ -23,11 +23,8 @@ class SyntheticLoader(ResumableLoader):
         self.stats = LoaderStats()
         self.dataset_samples = num_samples
         self._num_classes = num_classes
-        w, r, b = cfg.world_size, cfg.rank, cfg.batch_size
-        # The shard backends' batch sizes (the order does not matter here).
-        batches = plan.train_batches_local(num_samples, cfg.seed, 0, r, w, b, cfg.drop) if cfg.train \
-            else plan.val_batches(num_samples, r, w, b)
-        self._sizes = [len(ids) for ids in batches]
+        w, b = cfg.world_size, cfg.batch_size
+        self._sizes_at: dict[int, list[int]] = {}
         if not self._sizes or min(self._sizes) == 0:
             raise ValueError(f"synthetic: {num_samples} samples give no batch of {b} on each of {w} rank(s)")
         device = torch.device(cfg.device)
@@ -38,6 +35,17 @@ class SyntheticLoader(ResumableLoader):
         self.images = normalize_nhwc(raw.to(device), scale, shift, dtype, cfg.channels_last)
         self.labels = torch.randint(0, num_classes, (b,), generator=g).to(device)
         self.stats.device_bytes = self.images.numel() * self.images.element_size()
+
+    @property
+    def _sizes(self) -> list[int]:
+        """The shard backends' batch sizes in the current epoch (the order does not matter here)."""
+        c, offset = self.cfg, self._offset
+        if offset not in self._sizes_at:
+            batches = plan.train_batches_local(self.dataset_samples, c.seed, 0, c.rank, c.world_size, c.batch_size,
+                                               c.drop, offset) if c.train \
+                else plan.val_batches(self.dataset_samples, c.rank, c.world_size, c.batch_size)
+            self._sizes_at = {offset: [len(ids) for ids in batches]}
+        return self._sizes_at[offset]
 
     def __len__(self) -> int:
         return len(self._sizes)

@@ -224,6 +224,78 @@ def test_corrupt_sample_is_counted_replaced_and_the_batch_keeps_its_size(ds, bac
         assert torch.equal(y1, y2)  # the same stand-ins in every backend
 
 
+# (worlds, batches each rank of every world but the last runs, samples never seen): the last
+# world runs the rest of the epoch. 60 samples, batch 4.
+WORLD_CHANGES = {
+    "2to1": ((2, 1), (3,), 0),  # 24 consumed, then 9 batches of the 36 left
+    "1to3": ((1, 3), (5,), 4),  # 20 consumed, then 3 batches on each rank: 36 of the 40 left
+    "2to3to1": ((2, 3, 1), (2, 1), 0),  # 16, 12, then the 32 left
+}
+
+
+@pytest.mark.parametrize("backend,dataset,change", [
+    pytest.param(*p.values, change, id=f"{p.id}-{change}") for p in combos(DATA_BACKENDS, BOTH)
+    for change in WORLD_CHANGES if change == "2to1" or "-s3" not in p.id])  # the bucket copy: one change
+def test_a_state_continues_the_epoch_on_another_world_size(ds, backend, dataset, change):
+    """Each world's ranks run some batches of epoch 1; one rank's state goes to every rank of the
+    next world, of another size. Across all of them every sample comes at most once, with the
+    pixels an uninterrupted one-rank epoch gives it, and only the drop_last remainder is missing."""
+    worlds, heads, missing = WORLD_CHANGES[change]
+
+    def loader(**kw):
+        one = make(ds, backend, batch_size=4, normalize=False, **kw)
+        one.set_epoch(1)
+        return one
+
+    ref = loader()
+    pixels = dict(zip(np.concatenate(ref.batch_sample_ids()).tolist(), digests(collect(ref))))
+    assert len(pixels) == TRAIN
+    seen, state, left = [], None, TRAIN
+    for k, world in enumerate(worlds):
+        ranks = [loader(rank=r, world_size=world) for r in range(world)]
+        states = []
+        for rank in ranks:
+            if state is not None:
+                rank.load_state_dict(json.loads(json.dumps(state)))
+            assert len(rank) == left // world // 4  # this world's batches of what is left of the epoch
+            assert rank.num_samples == len(rank) * 4
+            plan = rank.batch_sample_ids()
+            got = collect(rank, heads[k] if k < len(heads) else None)
+            for ids, batch in zip(plan, got):
+                assert digests([batch]) == [pixels[i] for i in ids.tolist()]
+                assert batch[1].tolist() == [int(rank.table.label[i]) for i in ids]
+                seen += ids.tolist()
+            states.append(rank.state_dict())
+        assert all(s == states[0] for s in states), "every rank's state is the same"
+        state = states[-1]  # any rank's
+        left -= (heads[k] if k < len(heads) else 0) * world * 4
+    assert len(seen) == len(set(seen)), "a sample came twice"
+    assert TRAIN - len(seen) == missing
+    after = loader(world_size=2, rank=1)  # the finished epoch's state, on yet another world: nothing left
+    after.load_state_dict(state)
+    assert len(after) == 0 and collect(after) == []
+    after.set_epoch(2)
+    assert len(after) == TRAIN // 2 // 4
+
+
+@pytest.mark.parametrize("dataset", ["imagenet"])
+def test_synthetic_continues_the_epoch_on_another_world_size(ds, dataset):
+    """The synthetic backend keeps the shard backends' batch counts after a world change too."""
+    two = make(ds, "synthetic", batch_size=4, world_size=2, rank=1)
+    collect(two, 3)
+    one = make(ds, "synthetic", batch_size=4)
+    one.load_state_dict(two.state_dict())
+    assert len(one) == (TRAIN - 3 * 2 * 4) // 4 == len(collect(one))
+
+
+@pytest.mark.parametrize("backend,dataset", combos(["cpu"]))
+def test_a_val_state_resumes_only_on_its_own_world_size(ds, backend, dataset):
+    two = make(ds, backend, split="val", batch_size=4, world_size=2, rank=0, normalize=False)
+    collect(two, 1)
+    with pytest.raises(ValueError, match="world_size=2.*world_size=1.*val"):
+        make(ds, backend, split="val", batch_size=4, normalize=False).load_state_dict(two.state_dict())
+
+
 @pytest.mark.parametrize("backend,dataset", combos(ALL_BACKENDS))
 def test_state_is_plain_data(ds, backend, dataset):
     loader = make(ds, backend)

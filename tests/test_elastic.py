@@ -192,6 +192,39 @@ def test_a_restart_resumes_from_the_newest_checkpoint_on_any_ranks_disk(shards, 
     assert_same_weights(final_weights(b), final_weights(reference))
 
 
+@pytest.mark.parametrize("old,new,stop", [(2, 1, 3), (1, 2, 5)], ids=["2to1", "1to2"])
+def test_a_run_stopped_at_one_world_size_goes_on_at_another(shards, tmp_path, old, new, stop):
+    """torchrun's --nnodes MIN:MAX restarts a job with fewer or more processes: the resumed run
+    finishes the epoch with the samples the old world left (the loader's conformance suite checks
+    which samples), keeps the batch per process and the LR schedule by epoch, and says so."""
+    from types import SimpleNamespace
+
+    from train.run import lr_at
+
+    out = tmp_path / "run"
+    args = ["--shards", shards, *ARGS, "--epochs", "1", "--output", out]  # (the later --epochs wins)
+    first = start([*torchrun(free_port(), nproc=old), *args, "--max-steps", str(stop)], tmp_path / "first.log")
+    finish(first, tmp_path / "first.log")
+    second = start([*torchrun(free_port(), nproc=new), *args], tmp_path / "second.log")
+    finish(second, tmp_path / "second.log")
+
+    spe_old, spe_new = 60 // old // 4, 60 // new // 4
+    offset = stop * old * 4  # the samples of epoch 0 the old world consumed
+    left = (60 - offset) // new // 4
+    log = (out / "train.log").read_text()
+    assert (f"=> world changed from {old} to {new} processes: global batch {old * 4} -> {new * 4} (4 per process, "
+            f"kept), {spe_new} steps/epoch; the LR schedule stays by epoch; epoch 0 goes on after its first "
+            f"{offset} samples, {left} steps left in it") in log, log[-3000:]
+    assert json.loads((out / "config.json").read_text())["world_size_effective"] == new
+    loss, val = curve(out)
+    assert sorted(loss) == list(range(1, stop + left + 1)) and sorted(val) == [stop, stop + left]  # --max-steps: val
+    # The LR at each step is the schedule's at the fraction of the epoch's samples used before it.
+    cfg = SimpleNamespace(lr=0.02, warm_up_epochs=0, epochs=1)
+    want = [lr_at(cfg, s / spe_old) for s in range(stop)]
+    want += [lr_at(cfg, (offset / (new * 4) + s) / spe_new) for s in range(left)]
+    assert [r["lr"] for r in rows(out) if "loss" in r] == pytest.approx(want, rel=1e-12)
+
+
 # -- the pieces, in process -----------------------------------------------------------------
 
 def _state(step: int) -> dict:

@@ -60,6 +60,87 @@ def test_two_rank_train_slices_are_disjoint_and_equal(colour_shards):
     assert lens[0] == lens[1] == 4
 
 
+def test_the_epoch_order_continues_across_world_sizes_in_the_plan():
+    """Any number of world changes in an epoch, of any sizes, with or without drop_last: each
+    world deals what is left of the epoch's permutation, and `plan.consumed` says where the next
+    world starts. The ranks together always consume a prefix of the permutation, each sample at
+    most once; only the last world's cut to equal ranks and drop_last remainder are left out."""
+    from pipeline import plan
+
+    rng = np.random.default_rng(0)
+    for _ in range(400):
+        n, batch, drop = int(rng.integers(1, 120)), int(rng.integers(1, 9)), bool(rng.integers(2))
+        perm = plan.epoch_permutation(n, 5, 2)
+        start, seen = 0, []
+        for k, world in enumerate(rng.integers(1, 6, size=int(rng.integers(1, 5)))):
+            world = int(world)
+            ranks = [plan.train_batches_local(n, 5, 2, r, world, batch, drop, start=start) for r in range(world)]
+            count = len(ranks[0])
+            assert all(len(b) == count for b in ranks)
+            if start == 0:
+                assert all(np.array_equal(a, b) for r, bs in enumerate(ranks)  # start 0: today's plan
+                           for a, b in zip(bs, plan.train_batches_local(n, 5, 2, r, world, batch, drop)))
+            if start == n:
+                assert count == 0
+                continue
+            run = int(rng.integers(0, count + 1))
+            for bs in ranks:
+                seen += [i for b in bs[:run] for i in b.tolist()]
+            if run < count:
+                assert start + run * world * batch == len(seen)  # every batch before a rank's last is full
+            else:
+                finisher = world
+            assert plan.train_batch_count(n, world, batch, drop, start) == count
+            start = plan.consumed(n, start, world, batch, run, count)
+        if start < n:  # the epoch's end, on one more world
+            finisher = 3
+            seen += [i for r in range(3) for b in plan.train_batches_local(n, 5, 2, r, 3, batch, drop, start=start)
+                     for i in b.tolist()]
+        assert len(seen) == len(set(seen)), "a sample came twice"
+        assert set(seen) == set(perm[:len(seen)].tolist())
+        assert n - len(seen) < (finisher * batch if drop else finisher)  # the remainder, no more
+
+
+def test_batch_counts_are_the_plans_lengths():
+    from pipeline import plan
+
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        sizes = rng.integers(1, 20, size=int(rng.integers(1, 9))).tolist()
+        world, batch, drop, epoch = int(rng.integers(1, 5)), int(rng.integers(1, 6)), bool(rng.integers(2)), 3
+        counts = {len(plan.train_batches_remote(sizes, 7, epoch, r, world, batch, 4, drop)[0]) for r in range(world)}
+        assert counts == {plan.train_batch_count_remote(sizes, 7, epoch, world, batch, drop)}
+
+
+def test_same_world_plans_from_a_later_start_are_the_rest_of_the_epoch():
+    """Why a state resumed on its own world size may keep its position: dealing the permutation
+    from the samples its first k batches consumed gives exactly batches k, k + 1, ..."""
+    from pipeline import plan
+
+    for n, world, batch, k in ((60, 2, 4, 3), (61, 3, 5, 1), (100, 4, 3, 7)):
+        for r in range(world):
+            whole = plan.train_batches_local(n, 9, 1, r, world, batch)
+            rest = plan.train_batches_local(n, 9, 1, r, world, batch, start=k * world * batch)
+            assert [b.tolist() for b in rest] == [b.tolist() for b in whole[k:]]
+
+
+def test_a_version_2_state_still_loads(colour_shards):
+    """States saved before world changes were possible (version 2: no offset) still resume, on
+    their own world size and on another."""
+    kw = dict(batch_size=4, image_size=16, device="cpu", workers=1, normalize=False, seed=3)
+    two = create_loader(colour_shards, rank=1, world_size=2, **kw)
+    collect(two, 2)
+    old = {k: v for k, v in two.state_dict().items() if k != "offset"} | {"version": 2}
+    same = create_loader(colour_shards, rank=0, world_size=2, **kw)
+    same.load_state_dict(old)
+    assert len(collect(same)) == 60 // 2 // 4 - 2
+    one = create_loader(colour_shards, **kw)
+    one.load_state_dict(old)
+    assert len(one) == (60 - 2 * 2 * 4) // 4
+    with pytest.raises(ValueError, match="loader state version 1"):
+        one.load_state_dict(old | {"version": 1})
+
+
 def test_val_batches_split_every_sample_once_in_equal_steps():
     from pipeline import plan
 

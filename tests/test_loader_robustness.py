@@ -132,6 +132,24 @@ def test_remote_train_equal_ranks_and_exact_resume(server):
     assert all(len(o) == len(set(o.tolist())) for o in orders)
 
 
+def test_streamed_train_refuses_a_mid_epoch_world_change_clearly(server):
+    """http shards are dealt to ranks whole, so a state resumes mid-epoch only on its own world
+    size; at an epoch's start or end the world may change."""
+    url = f"{server[0]}/manifest.json"
+    kw = dict(batch_size=4, image_size=24, device="cpu", workers=1, normalize=False, shuffle_buffer=10, seed=2)
+    two = create_loader(url, rank=0, world_size=2, **kw)
+    fresh = two.state_dict()
+    collect(two, 1)
+    one = create_loader(url, **kw)
+    with pytest.raises(ValueError, match="world_size=2.*world_size=1.*streamed"):
+        one.load_state_dict(two.state_dict())
+    one.load_state_dict(fresh)
+    assert len(one) == len(create_loader(url, **kw))
+    collect(two)
+    one.load_state_dict(two.state_dict())  # the finished epoch: nothing left of it
+    assert len(one) == 0 and collect(one) == []
+
+
 def _manifest_with(names: list[str], classes=("a",)) -> dict:
     return {"format": "webdataset-shards", "version": 1, "complete": True, "classes": list(classes),
             "splits": {"train": {"samples": len(names), "shards": [{"name": n, "samples": 1} for n in names]}}}

@@ -111,3 +111,16 @@ def describe(resumed: Resumed, redone: list[dict] | None, world: int) -> str:
                  f"{'are' if lost != 1 else 'is'} redone" if lost else "; no logged step after it is lost")
     restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     return line + (f" (torchrun restart {restart})" if restart != "0" else "")
+
+
+def describe_world_change(old: int, new: int, batch: int, steps_per_epoch: int, epoch: int, offset: int | None,
+                          steps_left: int) -> str:
+    """The log line of a resume at another world size: what it does to the global batch and the
+    steps, and (`offset`: where the resumed epoch goes on in its sample order; None when the
+    checkpoint ended an epoch) what is left of the resumed epoch."""
+    line = (f"=> world changed from {old} to {new} processes: global batch {old * batch} -> {new * batch} "
+            f"({batch} per process, kept), {steps_per_epoch} steps/epoch; the LR schedule stays by epoch")
+    if offset is not None:
+        line += (f"; epoch {epoch} goes on after its first {offset} samples, "
+                 f"{steps_left} step{'s' * (steps_left != 1)} left in it")
+    return line

@@ -30,7 +30,7 @@ from .config import TrainConfig, UsageError, parse_args
 from .devices import Device, DeviceError, resolve_device
 from .metrics import AverageMeter, MetricsWriter, drop_rows_after, progress_line, setup_logging, topk_correct
 from .precision import Precision
-from .resume import CheckpointError, agree, describe
+from .resume import CheckpointError, agree, describe, describe_world_change
 from .step import build, train_step
 
 FPS_SKIP_STEPS = 5  # the seed leaves the first steps (allocator and cuDNN warm-up) out of FPS
@@ -172,14 +172,14 @@ def validate(model, loader, criterion, precision: Precision, info: DistInfo, log
 
 
 def save_checkpoint(output: str, cfg: TrainConfig, model, optimizer, precision, loader_state: dict, epoch: int,
-                    step: int, best_acc1: float, device: Device) -> None:
+                    step: int, best_acc1: float, device: Device, world: int) -> None:
     # The RNG state is rank 0's: every rank seeds it alike in build() and no step draws from it
     # (augmentation has its own counter-based RNG), so it is every rank's.
     checkpoint.save({
         "epoch": epoch, "arch": cfg.arch, "state_dict": model.state_dict(), "best_acc1": best_acc1,
         "optimizer": optimizer.state_dict(), "precision": precision.state_dict(), "loader": loader_state,
         "step": step, "rng": {"cpu": torch.get_rng_state(), "device": device.rng_state()},
-        "config": cfg.to_dict(),
+        "config": cfg.to_dict(), "world_size": world,
     }, output)
 
 
@@ -247,6 +247,12 @@ def train(cfg: TrainConfig, spawn_index: int | None = None) -> dict:
             device.set_rng_state(ckpt["rng"]["device"])
             start_epoch, step, best_acc1 = ckpt["epoch"], ckpt["step"], ckpt.get("best_acc1", 0.0)
         log.info(describe(resumed, None if cfg.evaluate else redone, info.world))
+        # (Checkpoints written before they recorded it: the loader state's world size.)
+        saved_world = ckpt.get("world_size", ckpt.get("loader", {}).get("world_size", info.world))
+        if saved_world != info.world and not cfg.evaluate:
+            mid_epoch = train_loader.epoch == start_epoch
+            log.info(describe_world_change(saved_world, info.world, cfg.batch_size, steps_per_epoch, start_epoch,
+                                           train_loader.epoch_offset if mid_epoch else None, len(train_loader)))
         resumed = ckpt = None  # its tensors are copied into the model and optimizer now
 
     world_batch = cfg.batch_size * info.world
@@ -273,6 +279,10 @@ def train(cfg: TrainConfig, spawn_index: int | None = None) -> dict:
     for epoch in range(start_epoch, cfg.epochs):
         train_loader.set_epoch(epoch)
         first = train_loader.state_dict()["batch"]  # > 0 when resuming mid-epoch
+        epoch_steps = len(train_loader)  # fewer when the world size changed mid-epoch: what is left of it
+        # The LR follows the epoch's samples: those that other world sizes ran of it (0 but after a
+        # world change), in this world's steps.
+        done_before = train_loader.epoch_offset / world_batch
         batch_time, data_time = AverageMeter("Time", ":6.3f"), AverageMeter("Data", ":6.3f")
         losses = AverageMeter("Loss", ":.4e")
         top1, top5 = AverageMeter("Acc@1", ":6.2f"), AverageMeter("Acc@5", ":6.2f")
@@ -296,7 +306,7 @@ def train(cfg: TrainConfig, spawn_index: int | None = None) -> dict:
         i = first
         while batch is not None:
             x, y = batch
-            lr = lr_at(cfg, epoch + i / steps_per_epoch)
+            lr = lr_at(cfg, epoch + (done_before + i) / steps_per_epoch)
             for g in optimizer.param_groups:
                 g["lr"] = lr
             # Prefetch before backward: the next batch's copy runs on the loader's stream meanwhile.
@@ -319,7 +329,7 @@ def train(cfg: TrainConfig, spawn_index: int | None = None) -> dict:
                 top5.update(100.0 * float(c5) / n, n)
                 batch_time.update((now - t_last) / steps_since, steps_since)
                 data_time.update(waited[0] / steps_since, steps_since)
-                log.info(progress_line(epoch, i, steps_per_epoch, [batch_time, data_time, losses, top1, top5]))
+                log.info(progress_line(epoch, i, epoch_steps, [batch_time, data_time, losses, top1, top5]))
                 metrics.write(step=step, epoch=epoch, loss=loss_v, lr=lr,
                               img_s=world_batch * steps_since / (now - t_last), data_wait=waited[0] / (now - t_last))
                 t_last, steps_since, waited[0] = now, 0, 0.0
@@ -329,7 +339,7 @@ def train(cfg: TrainConfig, spawn_index: int | None = None) -> dict:
             if info.main and cfg.save_every and step % cfg.save_every == 0 and not ends:
                 metrics.flush()
                 save_checkpoint(cfg.output, cfg, bare, optimizer, precision, resume_state[0], epoch, step, best_acc1,
-                                device)
+                                device, info.world)
             if cfg.max_steps and step >= cfg.max_steps:
                 stop = True
                 break
@@ -349,7 +359,7 @@ def train(cfg: TrainConfig, spawn_index: int | None = None) -> dict:
             # loader's state is stored as it gave it: set_epoch on resume moves to the next epoch.
             metrics.flush()
             save_checkpoint(cfg.output, cfg, bare, optimizer, precision, resume_state[0],
-                            epoch if stop else epoch + 1, step, best_acc1, device)
+                            epoch if stop else epoch + 1, step, best_acc1, device, info.world)
             if is_best:  # the same bytes: copy them rather than serialize the model twice
                 checkpoint.save_best(cfg.output)
         if stop:
