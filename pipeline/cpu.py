@@ -18,7 +18,7 @@ from kernels import resize
 from .contract import LoaderConfig
 from .decode import BatchDecoder
 from .device import DeviceStage
-from .loader import PlannedLoader
+from .planned import PlannedLoader
 from .remote import RemoteReader
 from .samples import SampleReader
 from .source import SampleTable

@@ -38,7 +38,7 @@ import torch
 
 from .contract import LoaderConfig
 from .decode import decode_margin, decode_strict, stand_ins
-from .loader import PlannedLoader
+from .planned import PlannedLoader
 from .remote import RemoteReader
 from .samples import CorruptSample, SampleReader
 from .source import SampleTable

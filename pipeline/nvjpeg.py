@@ -34,7 +34,7 @@ from kernels.normalize import affine_constants
 
 from .contract import LoaderConfig
 from .decode import decode_strict, stand_ins
-from .loader import PlannedLoader
+from .planned import PlannedLoader
 from .remote import RemoteReader
 from .samples import CorruptSample, SampleReader, is_jpeg
 from .source import SampleTable

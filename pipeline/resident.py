@@ -20,7 +20,7 @@ from kernels.normalize import affine_constants, normalize_nhwc
 from .contract import LoaderConfig
 from .decode import _decode_pil, stand_ins
 from .http import http_get
-from .loader import PlannedLoader
+from .planned import PlannedLoader
 from .samples import CorruptSample, SampleReader
 from .shard_format import decode_label
 from .source import SampleTable

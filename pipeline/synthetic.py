@@ -12,7 +12,7 @@ from kernels.normalize import affine_constants, normalize_nhwc
 
 from . import plan
 from .contract import LoaderConfig
-from .loader import ResumableLoader
+from .planned import ResumableLoader
 from .stats import LoaderStats
 
 
