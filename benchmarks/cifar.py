@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .common import DEFAULT_CACHE, table, timed, write_json
+from .common import DEFAULT_CACHE, print_machine, table, timed, write_json
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
@@ -117,7 +117,8 @@ def loader_benchmark(a, argv) -> int:
     print(table(rows, [("name", "loader, RandomCrop(32, 4) + flip", "s"), ("img_s", "img/s", ".0f"),
                        ("vs_ref", "x reference", ".2f")]))
     path = write_json("cifar_loader", {"rows": rows, "batch_size": bs, "cores": len(os.sched_getaffinity(0)),
-                                       "command": "python -m benchmarks.cifar " + " ".join(argv or [])})
+                                       "command": "python -m benchmarks.cifar " + " ".join(argv or [])},
+                      machine=a.machine)
     print(f"wrote {path}")
     return 0
 
@@ -182,12 +183,14 @@ def recipe_benchmark(a, argv) -> int:
     print(table(rows, [("seed", "seed", ""), ("ours", "train.run top-1", ".2f"), ("reference", "torchvision top-1",
                                                                                  ".2f")]))
     path = write_json("cifar_recipe", {"rows": rows, "epochs": a.epochs, "train_images": 10 * a.per_class,
-                                       "command": "python -m benchmarks.cifar " + " ".join(argv or [])})
+                                       "command": "python -m benchmarks.cifar " + " ".join(argv or [])},
+                      machine=a.machine)
     print(f"wrote {path}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv  # the JSON's command, also when run from the shell
     p = argparse.ArgumentParser(prog="python -m benchmarks.cifar", description=__doc__.split("\n")[0])
     p.add_argument("what", choices=("loader", "recipe"))
     p.add_argument("--src", default=None, help="your own cifar-10-batches-py (default: the synthetic task)")
@@ -199,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[49, 1])
     a = p.parse_args(argv)
     a.per_class = a.per_class or (5000 if a.what == "loader" else 300)
+    a.machine = print_machine()
     return loader_benchmark(a, argv) if a.what == "loader" else recipe_benchmark(a, argv)
 
 

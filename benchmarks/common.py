@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 from typing import Callable
+
+from .machine import describe, header
 
 DEFAULT_CACHE = Path(os.environ.get("BENCH_CACHE", Path(__file__).resolve().parent / "out" / "cache"))
 
@@ -39,18 +39,25 @@ def imagenet_like(classes: int = 20, per_class: int = 50, size: int = 500, cache
 
 
 def timed(fn: Callable[[], int], repeats: int = 3, warmup: int = 1) -> dict:
-    """Run fn (returning an item count) warmup+repeats times; report the median rate."""
+    """Run fn (returning an item count) warmup+repeats times; report the median rate.
+
+    cpu_rate is items per second of this process's CPU time (all its threads, not its child
+    processes): on a machine shared with other jobs, the figure that does not move with their load.
+    """
     for _ in range(warmup):
         fn()
-    rates, seconds = [], []
+    rates, seconds, cpu = [], [], []
     for _ in range(repeats):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         n = fn()
         dt = time.perf_counter() - t
+        cpu.append(time.process_time() - c)
         seconds.append(dt)
         rates.append(n / dt)
+    cpu_s = statistics.median(cpu)
     return {"median": statistics.median(rates), "min": min(rates), "max": max(rates),
-            "seconds": statistics.median(seconds), "items": n, "repeats": repeats}
+            "seconds": statistics.median(seconds), "cpu_rate": n / cpu_s if cpu_s > 0 else None, "items": n,
+            "repeats": repeats}
 
 
 def epoch_rate(make_iter, repeats: int) -> dict:
@@ -63,18 +70,11 @@ def epoch_rate(make_iter, repeats: int) -> dict:
     return timed(once, repeats=repeats, warmup=1)
 
 
-def machine() -> dict:
-    info = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
-    try:
-        info["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                           if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                        cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        pass
+def print_machine(device: str | None = None) -> dict:
+    """Describe this machine (`benchmarks.machine.describe`) and print its header line: the first
+    thing every benchmark prints. Pass the result to write_json, so the JSON names the same machine."""
+    info = describe(device)
+    print(header(info), flush=True)
     return info
 
 
@@ -88,10 +88,14 @@ def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
                      for row in cells)
 
 
-def write_json(name: str, payload: dict, out_dir: Path | None = None) -> Path:
+def write_json(name: str, payload: dict, out_dir: Path | None = None, machine: dict | None = None) -> Path:
+    """Write payload to OUT/name.json (atomically) under the machine (`print_machine`'s, else
+    described now) and the time; OUT is $BENCH_OUT or benchmarks/out."""
+    from pipeline.shard_format import atomic_write_bytes
+
     out_dir = out_dir or Path(os.environ.get("BENCH_OUT", Path(__file__).resolve().parent / "out"))
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"
-    path.write_text(json.dumps({"machine": machine(), "time": time.strftime("%Y-%m-%d %H:%M:%S"), **payload},
-                               indent=1))
+    record = {"machine": machine or describe(), "time": time.strftime("%Y-%m-%d %H:%M:%S"), **payload}
+    atomic_write_bytes(path, json.dumps(record, indent=1).encode())
     return path

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .common import imagenet_like, table, timed, write_json
+from .common import imagenet_like, print_machine, table, timed, write_json
 
 
 def _sources(root: Path) -> list[Path]:
@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard-size-mb", type=float, default=256,
                    help="shard size of our runs (default 256, the converter's default)")
     a = p.parse_args(argv)
+    machine = print_machine()
 
     from convert.imagenet_to_shards import convert
     from pipeline.shard_format import RESTART_INTERVAL_MCUS
@@ -122,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                        ("vs_ref", "x reference", ".2f"), ("vs_ceiling", "of ceiling", ".0%")]))
     path = write_json("convert", {"files": n_files, "mb_in": mb_in, "rows": rows,
                                   "command": " ".join(["python -m benchmarks.convert",
-                                                                 *(sys.argv[1:] if argv is None else argv)])})
+                                                                 *(sys.argv[1:] if argv is None else argv)])},
+                      machine=machine)
     print(f"wrote {path} ({time.strftime('%Y-%m-%d')})")
     return 0
 

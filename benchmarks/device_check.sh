@@ -12,7 +12,8 @@
 #     python setup.py build_ext --inplace && mkdir -p .whl/jpeg
 #     cp kernels/_jpeg.abi3.so "$(ldconfig -p | awk '/libjpeg.so.62 /{print $NF; exit}')" .whl/jpeg/
 # Logs and run folders go to $WORK. $OUT receives three files: summary.txt (the table, also
-# printed last), device_check.json (every figure, with the machine) and logs.tar.gz.
+# printed last), device_check.json (every figure, with the machine: benchmarks.machine's CPU, ISA,
+# torch build and GPU) and logs.tar.gz.
 # Each step is cut to the time left of $BUDGET seconds, so the check ends inside one call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -49,7 +50,8 @@ if ! $PY -c "import kernels._jpeg" 2>/dev/null && [ -f .whl/jpeg/_jpeg.abi3.so ]
 fi
 $PY -c "import kernels._jpeg" 2>/dev/null || echo "note: kernels._jpeg unavailable (cpu backend uses Pillow); see build.log"
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
-  $PY -c "import platform, torch, torchvision; print('python', platform.python_version(), 'torch', torch.__version__, 'torchvision', torchvision.__version__)"
+  $PY -m benchmarks.machine --device "$DEVICE" --json "$WORK/machine.json"
+  $PY -c "import platform, torchvision; print('python', platform.python_version(), 'torchvision', torchvision.__version__)"
   echo "device $DEVICE, $WORKERS workers, commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 } | tee "$WORK/machine.txt"
 

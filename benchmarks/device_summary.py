@@ -2,8 +2,9 @@
 
     python -m benchmarks.device_summary WORK [--json PATH]
 
-WORK is the check's folder: machine.txt, tests.log, loader_*.json, train_step_*.json and the
-end-to-end logs e2e_<backend>.log. A step that failed or ran out of time shows as "failed".
+WORK is the check's folder: machine.txt (and machine.json, `benchmarks.machine`'s description),
+tests.log, loader_*.json, train_step_*.json and the end-to-end logs e2e_<backend>.log. A step that
+failed or ran out of time shows as "failed".
 """
 from __future__ import annotations
 
@@ -31,7 +32,9 @@ def collect(work: Path) -> dict:
     tests = work / "tests.log"
     summary = re.findall(r"^=*\s*(\d+ (?:passed|failed).*?)\s*=*$", tests.read_text(errors="replace"), re.M) \
         if tests.exists() else []
+    described = work / "machine.json"
     found = {"machine": machine.read_text().strip() if machine.exists() else "",
+             "machine_info": json.loads(described.read_text()) if described.exists() else None,
              "tests": summary[-1] if summary else "failed or not run", "rows": []}
     rows = found["rows"]
     for path in sorted(work.glob("loader_*.json")):

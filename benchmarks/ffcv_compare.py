@@ -27,7 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import DEFAULT_CACHE, epoch_rate, imagenet_like, table, timed, write_json
+from .common import DEFAULT_CACHE, epoch_rate, imagenet_like, print_machine, table, timed, write_json
+from .machine import torch_build
 
 QUALITY = 90
 FFCV_FORMATS = (("jpg", 512), ("jpg", 256), ("raw", 256))
@@ -61,7 +62,9 @@ def child(job: dict) -> dict:
     src, work = Path(job["src"]), Path(job["work"])
     workers, batch, repeats = job["workers"], job["batch"], job["repeats"]
     images = datasets.ImageFolder(str(src / "train"))  # PIL images, as FFCV's own ImageNet example
-    out = {"reference": reference_rate(src, workers, batch, repeats), "writers": {}, "loaders": {}}
+    # The FFCV environment's own torch: the machine line names only the project's.
+    out = {"reference": reference_rate(src, workers, batch, repeats), "writers": {}, "loaders": {},
+           "torch": torch_build()}
     for mode, res in FFCV_FORMATS:
         path = work / f"ffcv_{mode}_{res}.beton"
 
@@ -143,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--ffcv-python: {a.ffcv_python} cannot import ffcv: {check.stderr.strip().splitlines()[-1:]}")
     if a.src is not None and not (a.src / "train").is_dir():
         p.error(f"--src: {a.src} has no train/ folder")
+    machine = print_machine()
 
     src = a.src or imagenet_like(a.classes, a.per_class)
     work = DEFAULT_CACHE / f"ffcv_compare_{src.name}"
@@ -177,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ours / FFCV writer at 256: {mine['writer_256'] / theirs['writers']['jpg_256']:.2f}; "
           f"{time.perf_counter() - t:.0f} s in all")
     path = write_json("ffcv_compare", {"ours": mine, "ffcv": theirs, "rows": rows, "writers": writers, "images": n,
-                                       "command": "python -m benchmarks.ffcv_compare " + " ".join(argv)})
+                                       "command": "python -m benchmarks.ffcv_compare " + " ".join(argv)},
+                      machine=machine)
     print(f"wrote {path}")
     return 0
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .common import CONTENTS, DEFAULT_CACHE, epoch_rate, imagenet_like, table, timed, write_json
+from .common import CONTENTS, DEFAULT_CACHE, epoch_rate, imagenet_like, print_machine, table, timed, write_json
 
 
 def reference_transform():
@@ -65,7 +65,8 @@ def webdataset_loader(shards: Path, workers: int, batch: int):
 
 def decode_ceiling(shards: Path, n: int = 2000) -> dict:
     """Single-core images/s of a full Pillow decode and of our crop-region decode + resize (the
-    loader's per-sample work, with the train config's decoder settings), on the first n samples."""
+    loader's per-sample work, with the train config's decoder settings), on the first n samples;
+    the *_cpu rates are per second of CPU time, which other jobs' load does not move."""
     from PIL import Image
 
     from pipeline.augment import Transform
@@ -89,7 +90,9 @@ def decode_ceiling(shards: Path, n: int = 2000) -> dict:
         dec.decode_batch(0, np.arange(len(datas)), images, labels)
         return len(datas)
 
-    return {"pil_full": timed(full, 3)["median"], "ours": timed(ours, 3)["median"]}
+    pil, mine = timed(full, 3), timed(ours, 3)
+    return {"pil_full": pil["median"], "ours": mine["median"], "pil_full_cpu": pil["cpu_rate"],
+            "ours_cpu": mine["cpu_rate"]}
 
 
 def image_folder_error(path: Path) -> str | None:
@@ -194,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     if a.device != "cpu" or a.per_backend:
         return device_benchmark(a, argv)
+    machine = print_machine()
 
     from pipeline import create_loader
     from pipeline.source import open_split
@@ -208,8 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     ceil = {label: decode_ceiling(path) for label, path in shards.items()}
     rows = []
     for label, c in ceil.items():
-        rows += [{"name": f"1 core: full Pillow decode, {label} shards", "img_s": c["pil_full"]},
-                 {"name": f"1 core: ours, ROI decode + resize, {label} shards", "img_s": c["ours"]}]
+        rows += [{"name": f"1 core: full Pillow decode, {label} shards", "img_s": c["pil_full"],
+                  "cpu_img_s": c["pil_full_cpu"]},
+                 {"name": f"1 core: ours, ROI decode + resize, {label} shards", "img_s": c["ours"],
+                  "cpu_img_s": c["ours_cpu"]}]
     ref_rate = None
     bs = a.batch_size
     if a.skip_reference:
@@ -257,11 +263,12 @@ def main(argv: list[str] | None = None) -> int:
         if ref_rate:
             r["vs_ref"] = r["img_s"] / ref_rate
     print(table(rows, [("name", "loader", "s"), ("img_s", "img/s", ".0f"), ("vs_ref", "x reference", ".2f"),
-                       ("efficiency", "of workers x 1-core rate", ".0%")]))
+                       ("efficiency", "of workers x 1-core rate", ".0%"), ("cpu_img_s", "img/CPU-s", ".0f")]))
     path = write_json("loader", {"rows": rows, "images": n_train, "batch_size": bs, "cores": cores,
                                  "content": None if (a.src or a.shards) else content,
                                  "ceilings": ceil,
-                                 "command": "python -m benchmarks.loader " + " ".join(argv or [])})
+                                 "command": "python -m benchmarks.loader " + " ".join(argv or [])},
+                      machine=machine)
     print(f"wrote {path}")
     chart = Path(a.chart) if a.chart else path.with_suffix(".png")
     try:
@@ -277,6 +284,8 @@ def device_benchmark(a, argv) -> int:
     sync = torch.cuda.synchronize if torch.device(a.device).type == "cuda" else (lambda: None)
     from pipeline import create_loader
 
+    machine = print_machine(a.device)
+
     # The device check trains end to end on these shards afterwards, by this folder name.
     _, found = resolve_data(a, a.content or "synthetic", labels=(("full", None),))
     shards = found.get("given", found.get("full"))
@@ -284,7 +293,8 @@ def device_benchmark(a, argv) -> int:
 
     def save():
         return write_json(f"loader_{a.device.split(':')[0]}", {
-            "rows": rows, "batch_size": a.batch_size, "command": "python -m benchmarks.loader " + " ".join(argv or [])})
+            "rows": rows, "batch_size": a.batch_size, "command": "python -m benchmarks.loader " + " ".join(argv or [])},
+            machine=machine)
 
     for backend in a.backends:
         for w in a.workers:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import DEFAULT_CACHE, table, write_json
+from .common import DEFAULT_CACHE, print_machine, table, write_json
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "retina", "hubble_deep_field",
           "stereo_motorcycle")
@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
     a = p.parse_args(argv)
+    machine = print_machine()
 
     import pipeline.decode as decode_mod
     from kernels import _jpeg
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                "max_pixel_difference": worst, "scan_us": 1e6 / scan}
     if a.loader:
         payload["loader"] = loader_rows(src, a)
-    path = write_json("restart_index", payload)
+    path = write_json("restart_index", payload, machine=machine)
     print(f"wrote {path}")
     return 0
 

@@ -17,11 +17,12 @@ import argparse
 import itertools
 import re
 import statistics
+import sys
 import time
 
 import torch
 
-from .common import table, write_json
+from .common import print_machine, table, write_json
 from .device_summary import mfu_note
 
 # Forward GFLOPs (2 x multiply-adds) at 224 px; a training step is about 3x forward.
@@ -79,7 +80,12 @@ def card_name(device: str) -> str:
 
 
 def measure(arch: str, batch: int, image: int, device_name: str, opt_level: str, amp: str, channels_last: bool,
-            compile_: bool, optimizer: str, warmup: int, steps: int, repeats: int) -> float:
+            compile_: bool, optimizer: str, warmup: int, steps: int, repeats: int,
+            cpu_rates: list | None = None) -> float:
+    """Median img/s over `repeats` windows of `steps` steps. cpu_rates, if given, receives the
+    median img per second of this process's CPU time (all threads): on a CPU shared with other
+    jobs, the figure their load does not move (run with OMP_NUM_THREADS=1, or idle threads'
+    spinning counts too)."""
     from train.devices import resolve_device
     from train.precision import Precision
     from train.step import build, train_step
@@ -98,17 +104,21 @@ def measure(arch: str, batch: int, image: int, device_name: str, opt_level: str,
     for _ in range(warmup):
         train_step(step_model, x, y, crit, precision, opt)
     device.synchronize()
-    rates = []
+    rates, cpu = [], []
     for _ in range(repeats):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         for _ in range(steps):
             _, loss, _ = train_step(step_model, x, y, crit, precision, opt)
         loss.item()  # the window's one sync
         rates.append(batch * steps / (time.perf_counter() - t))
+        cpu.append(batch * steps / max(time.process_time() - c, 1e-9))
+    if cpu_rates is not None:
+        cpu_rates.append(statistics.median(cpu))
     return statistics.median(rates)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv  # the JSON's command, also when run from the shell
     p = argparse.ArgumentParser(prog="python -m benchmarks.train_step", description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--arch", nargs="+", default=None)
@@ -125,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="peak TFLOP/s for every row's MFU (default: the card's dense datasheet peak per precision)")
     p.add_argument("--full-grid", action="store_true", help="every combination (default: vary one axis at a time)")
     a = p.parse_args(argv)
+    machine = print_machine(a.device)
     gpu = a.device != "cpu"
     card = card_name(a.device) if gpu else "CPU"
     archs = a.arch or (["resnet152"] if gpu else ["resnet18"])
@@ -149,20 +160,21 @@ def main(argv: list[str] | None = None) -> int:
     def save(rows: list[dict]):
         return write_json(f"train_step_{a.device.split(':')[0]}", {
             "rows": rows, "device": a.device, "device_name": card,
-            "command": "python -m benchmarks.train_step " + " ".join(argv or [])})
+            "command": "python -m benchmarks.train_step " + " ".join(argv or [])}, machine=machine)
 
     for arch, batch in itertools.product(archs, batches):
         for level, channels_last, compile_, optimizer in configs:
             opt_level, amp = level.split(":")
+            cpu_rates = []
             try:
                 rate = measure(arch, batch, image, a.device, opt_level, amp, channels_last, compile_, optimizer,
-                               warmup, steps, a.repeats)
+                               warmup, steps, a.repeats, cpu_rates=cpu_rates)
                 err = None
             except (RuntimeError, NotImplementedError) as e:  # e.g. fp16 kernels missing on a CPU
                 rate, err = None, str(e).splitlines()[0][:60]
             row = {"arch": arch, "batch": batch, "image": image, "precision": level,
                    "channels_last": channels_last, "compile": compile_, "optimizer": optimizer, "img_s": rate,
-                   "error": err}
+                   "cpu_img_s": cpu_rates[0] if cpu_rates and not gpu else None, "error": err}
             if rate and gpu:
                 peak, row["peak_name"] = (a.peak_tflops, "--peak-tflops") if a.peak_tflops else \
                     dense_peak(card, amp)
@@ -174,8 +186,8 @@ def main(argv: list[str] | None = None) -> int:
                     row["mfu"] = rate * flops / (peak * 1e12)
             rows.append(row)
             print(f"{arch} b{batch} {level} cl={channels_last} compile={compile_} {optimizer}: "
-                  f"{'%.1f img/s' % rate if rate else err}{', ' + mfu_note(row) if 'peak_name' in row else ''}",
-                  flush=True)
+                  f"{'%.1f img/s' % rate if rate else err}{', ' + mfu_note(row) if 'peak_name' in row else ''}"
+                  f"{', %.1f img/CPU-s' % row['cpu_img_s'] if row['cpu_img_s'] else ''}", flush=True)
             save(rows)  # after every row: a run cut short by a time limit keeps what it measured
     ref = rows[0]["img_s"] or 1.0
     for r in rows:
@@ -185,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
               else r.get("peak_name")} for r in rows]
     print(table(shown, [("arch", "arch", "s"), ("batch", "batch", "d"), ("precision", "precision", "s"),
                         ("channels_last", "channels_last", ""), ("compile", "compile", ""), ("optimizer", "SGD", "s"),
-                        ("img_s", "img/s", ".1f"), ("vs_base", "x first row", ".2f"), ("mfu", "MFU", ".1%"),
+                        ("img_s", "img/s", ".1f"), ("vs_base", "x first row", ".2f"), ("cpu_img_s", "img/CPU-s", ".1f"),
+                        ("mfu", "MFU", ".1%"),
                         ("peak", "MFU peak", "s"), ("error", "note", "s")]))
     print(f"wrote {path}")
     return 0

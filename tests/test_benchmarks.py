@@ -2,6 +2,10 @@
 flag validation. Fast: a few dozen renders and in-process argument parsing."""
 import importlib.util
 import io
+import json
+import os
+import subprocess
+import sys
 from collections import Counter
 
 import numpy as np
@@ -11,7 +15,7 @@ from PIL import Image, JpegImagePlugin
 from benchmarks import photos
 from benchmarks.photos import SUBSAMPLING, PhotoConfig, plan, render
 
-from conftest import make_colour_folder, run_cli
+from conftest import ROOT, make_colour_folder, run_cli
 
 needs_skimage = pytest.mark.skipif(importlib.util.find_spec("skimage") is None,
                                    reason="scikit-image (the photos) is not installed")
@@ -135,3 +139,210 @@ def test_ffcv_compare_flags_validate(tmp_path, capsys):
 
     assert "--ffcv-python" in _flag_error(capsys, main, [])
     assert "--ffcv-python" in _flag_error(capsys, main, ["--ffcv-python", str(tmp_path / "python")])
+
+
+# -- every figure names its machine ------------------------------------------------------------------
+
+CPUINFO = {  # the lines of /proc/cpuinfo that matter, from five generations of x86 server
+    "AMX bf16": "model name\t: Intel(R) Xeon(R) Platinum 8480+\nflags\t\t: fpu sse4_2 avx avx2 avx512f "
+                "avx512bw avx512_bf16 amx_bf16 amx_tile amx_int8\n",
+    "AVX-512 bf16": "model name\t: AMD EPYC 9654 96-Core Processor\nflags\t\t: sse4_2 avx avx2 avx512f "
+                    "avx512bw avx512_bf16\n",
+    "AVX-512": "model name\t: Intel(R) Xeon(R) Gold 6148 CPU @ 2.40GHz\nflags\t\t: sse4_2 avx avx2 avx512f avx512bw\n",
+    "AVX2": "model name\t: Intel(R) Xeon(R) CPU E5-2686 v4 @ 2.30GHz\nflags\t\t: sse4_2 avx avx2 fma\n",
+    "below AVX2": "model name\t: Intel(R) Xeon(R) CPU E5-2670 0 @ 2.60GHz\nflags\t\t: sse4_2 avx\n",
+}
+
+
+@pytest.mark.parametrize("level", list(CPUINFO))
+def test_isa_level_from_cpuinfo(level):
+    from benchmarks.machine import isa_level, parse_cpuinfo
+
+    # Two processors, as the real file lists each: the first one's lines are taken.
+    model, flags = parse_cpuinfo("processor\t: 0\n" + CPUINFO[level] + "\nprocessor\t: 1\n" + CPUINFO["AVX2"])
+    assert model == CPUINFO[level].split(": ", 1)[1].split("\n")[0]
+    assert isa_level(flags) == level
+
+
+def test_describe_names_cpu_cores_isa_torch_and_caps(tmp_path):
+    import torch
+
+    from benchmarks.machine import describe, header
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\n" + CPUINFO["AMX bf16"])
+    info = describe(cpuinfo=cpuinfo, environ={"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                                              "HOME": "/somewhere", "OMP_NUM_THREADS": ""})
+    assert info["cpu"] == "Intel(R) Xeon(R) Platinum 8480+"
+    assert info["cores"] == os.cpu_count() and info["cores_usable"] == len(os.sched_getaffinity(0))
+    assert info["isa"]["cpu"] == "AMX bf16" and info["isa"]["flags"] == ["avx2", "avx512f", "avx512_bf16",
+                                                                         "amx_tile", "amx_bf16"]
+    # What torch itself dispatches to in this process (the caps above are only recorded: torch read
+    # the real environment when it started).
+    assert info["isa"]["torch"] == torch.backends.cpu.get_cpu_capability()
+    assert isinstance(info["isa"]["onednn_bf16"], bool)
+    assert info["torch"]["version"] == torch.__version__
+    assert info["torch"]["build"] == (f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU only")
+    assert info["caps"] == {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}  # set ones only
+    line = header(info)
+    for part in ("machine: Intel(R) Xeon(R) Platinum 8480+", f"{os.cpu_count()} cores", "AMX bf16 [",
+                 f"torch kernels {torch.backends.cpu.get_cpu_capability()}", f"torch {torch.__version__}",
+                 "caps ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2"):
+        assert part in line
+    assert "no caps" in header({**info, "caps": {}})
+
+
+@pytest.mark.skipif("avx2" not in open("/proc/cpuinfo").read(), reason="the cap needs a CPU with AVX2")
+def test_machine_cli_records_the_avx2_cap(tmp_path):
+    """Under ATEN_CPU_CAPABILITY=avx2 torch dispatches to AVX2 kernels, and the description says so,
+    next to the CPU's own level."""
+    from benchmarks.machine import isa_level, parse_cpuinfo
+
+    out = tmp_path / "m.json"
+    r = run_module("benchmarks.machine", "--json", out,
+                   env={"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"})
+    assert r.returncode == 0, r.stderr
+    info = json.loads(out.read_text())
+    assert info["isa"]["torch"] == "AVX2"
+    assert info["isa"]["cpu"] == isa_level(parse_cpuinfo(open("/proc/cpuinfo").read())[1])
+    assert info["caps"] == {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    assert r.stdout.startswith("machine: ") and "torch kernels AVX2" in r.stdout
+    assert "caps ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2" in r.stdout
+
+
+def test_describe_without_x86_flags(tmp_path):
+    """An Arm /proc/cpuinfo has no model name and lists "Features", not "flags": the level is
+    unknown rather than guessed, and the line says so."""
+    from benchmarks.machine import describe, header, parse_cpuinfo
+
+    arm = "processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd sve\nCPU implementer\t: 0x41\n"
+    assert parse_cpuinfo(arm) == (None, set())
+    (tmp_path / "cpuinfo").write_text(arm)
+    info = describe(cpuinfo=tmp_path / "cpuinfo", environ={})
+    assert info["isa"]["cpu"] == "unknown (no cpuinfo flags)" and info["isa"]["flags"] == [] and info["cpu"]
+    assert "none of avx2 avx512f avx512_bf16 amx_tile amx_bf16" in header(info)
+
+
+MACHINE_KEYS = {"cpu", "cores", "cores_usable", "isa", "torch", "caps"}
+
+
+def run_module(module: str, *args, env: dict, timeout: int = 300):
+    """run_cli with environment variables of the test's own on top."""
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), **env}, cwd=ROOT, timeout=timeout)
+
+
+def test_write_json_records_the_machine_atomically(tmp_path):
+    from benchmarks.common import write_json
+
+    path = write_json("x", {"rows": [1]}, out_dir=tmp_path)
+    record = json.loads(path.read_text())
+    assert MACHINE_KEYS <= set(record["machine"]) and record["rows"] == [1]
+    given = {"cpu": "named by the caller"}
+    assert json.loads(write_json("x", {}, out_dir=tmp_path, machine=given).read_text())["machine"] == given
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json"]  # no temporary left behind
+
+
+def _benchmark_json(out_dir) -> dict:
+    (path,) = out_dir.glob("*.json")
+    return json.loads(path.read_text())
+
+
+def test_train_step_prints_and_records_its_machine(tmp_path):
+    from benchmarks.machine import describe, header
+
+    r = run_module("benchmarks.train_step", "--arch", "resnet18", "--batch-size", "2", "--image-size", "32",
+                   "--levels", "O0:fp32", "--compile", "off", "--optimizers", "fused", "--channels-last", "on",
+                   "--steps", "1", "--repeats", "1", env={"BENCH_OUT": str(tmp_path)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    record = _benchmark_json(tmp_path)
+    machine = record["machine"]
+    assert r.stdout.splitlines()[0] == header(machine)  # first, and the same machine as the JSON's
+    assert machine["cpu"] == describe()["cpu"] and MACHINE_KEYS <= set(machine)
+    assert record["rows"][0]["cpu_img_s"] > 0 and "img/CPU-s" in r.stdout
+    # Run from the shell, the JSON still says how: the flags, not just the module.
+    assert record["command"].startswith("python -m benchmarks.train_step --arch resnet18 --batch-size 2")
+
+
+def test_loader_prints_and_records_its_machine(tmp_path, colour_shards):
+    from benchmarks.machine import header
+
+    r = run_module("benchmarks.loader", "--shards", colour_shards, "--workers", "1", "--repeats", "1",
+                   "--batch-size", "8", "--chart", tmp_path / "chart.png", env={"BENCH_OUT": str(tmp_path)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    record = _benchmark_json(tmp_path)
+    machine = record["machine"]
+    assert r.stdout.splitlines()[0] == header(machine) and MACHINE_KEYS <= set(machine)
+    assert record["ceilings"]["given"]["ours_cpu"] > 0 and "img/CPU-s" in r.stdout
+
+
+def test_every_benchmark_prints_and_records_its_machine():
+    """The benchmarks too slow to run here: each main prints the machine first (print_machine) and
+    hands that description to every write_json call."""
+    import ast
+
+    for path in sorted((ROOT / "benchmarks").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)]
+        writes = [c for c in calls if c.func.id == "write_json"]
+        if not writes or path.name == "common.py":
+            continue
+        assert any(c.func.id == "print_machine" for c in calls), f"{path.name} never prints its machine"
+        for c in writes:
+            assert any(k.arg == "machine" for k in c.keywords), f"{path.name}:{c.lineno} writes no machine"
+
+
+def test_device_summary_carries_the_machine(tmp_path):
+    from benchmarks.device_summary import collect
+
+    (tmp_path / "machine.json").write_text(json.dumps({"cpu": "AMD EPYC 9654", "gpu": "NVIDIA H100 80GB HBM3"}))
+    assert collect(tmp_path)["machine_info"] == {"cpu": "AMD EPYC 9654", "gpu": "NVIDIA H100 80GB HBM3"}
+    (tmp_path / "machine.json").unlink()
+    assert collect(tmp_path)["machine_info"] is None
+
+
+def test_timed_reports_the_rate_per_cpu_second():
+    """A wait costs wall time but no CPU time: the CPU rate is the one other jobs' load leaves alone."""
+    import time
+
+    from benchmarks.common import timed
+
+    r = timed(lambda: (time.sleep(0.05), 10)[1], repeats=3, warmup=0)
+    assert r["median"] < 250 and (r["cpu_rate"] is None or r["cpu_rate"] > 5 * r["median"])
+
+
+def test_kernels_normalize_rows_time_the_same_batch():
+    from benchmarks.kernels import normalize_rows
+
+    rng = np.random.default_rng(0)
+    decoded = [rng.integers(0, 256, (300, 400, 3), dtype=np.uint8) for _ in range(3)]
+    boxes = np.array([[10.0, 20.0, 200.0, 150.0]] * 3)
+    got = []
+
+    def piece(name, fn, ref=None):
+        got.append((name, fn(), ref))
+        return got[-1]
+
+    normalize_rows(decoded, boxes, np.array([False, True, False]), piece, batch=5)
+    assert [n for n, _, _ in got] == ["normalize to fp32: torchvision ToTensor + Normalize + stack",
+                                      "normalize to fp32: ours, one op on the uint8 batch"]
+    assert [k for _, k, _ in got] == [5, 5] and got[1][2] is got[0]
+
+
+def test_kernels_time_only_what_the_roi_decoder_takes():
+    """The photo set holds a few CMYK JPEGs, which the ROI decoder refuses (the loader decodes them
+    with Pillow): benchmarks.kernels leaves them out instead of stopping on the first."""
+    from benchmarks.kernels import roi_decodable
+    from kernels import _jpeg
+
+    def jpeg(mode):
+        buf = io.BytesIO()
+        Image.new(mode, (64, 48), 90).save(buf, format="JPEG")
+        return buf.getvalue()
+
+    rgb, grey, cmyk = jpeg("RGB"), jpeg("L"), jpeg("CMYK")
+    with pytest.raises(_jpeg.UnsupportedJPEG):
+        _jpeg.decode_region(cmyk, 0, 0, 64, 48, 1, np.empty(1 << 16, np.uint8), False)
+    assert roi_decodable([rgb, cmyk, grey]) == [rgb, grey]
+    for d in (rgb, grey):
+        _jpeg.decode_region(d, 0, 0, 64, 48, 1, np.empty(1 << 16, np.uint8), False)
