@@ -40,17 +40,27 @@ def imagenet_like(classes: int = 20, per_class: int = 50, size: int = 500, cache
 
 def timed(fn: Callable[[], int], repeats: int = 3, warmup: int = 1) -> dict:
     """Run fn (returning an item count) warmup+repeats times; report the median rate."""
+    return timed_in_turns({"fn": fn}, repeats, warmup)["fn"]
+
+
+def timed_in_turns(fns: dict[str, Callable[[], int]], repeats: int = 3, warmup: int = 1) -> dict[str, dict]:
+    """timed() of each fn, run in turns (one run of each per round), so that a shared machine's
+    changing load hits them all alike and the ratios between them hold."""
     for _ in range(warmup):
-        fn()
-    rates, seconds = [], []
+        for fn in fns.values():
+            fn()
+    rates: dict[str, list[float]] = {k: [] for k in fns}
+    seconds: dict[str, list[float]] = {k: [] for k in fns}
+    items: dict[str, int] = {}
     for _ in range(repeats):
-        t = time.perf_counter()
-        n = fn()
-        dt = time.perf_counter() - t
-        seconds.append(dt)
-        rates.append(n / dt)
-    return {"median": statistics.median(rates), "min": min(rates), "max": max(rates),
-            "seconds": statistics.median(seconds), "items": n, "repeats": repeats}
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            items[k] = fn()
+            dt = time.perf_counter() - t
+            seconds[k].append(dt)
+            rates[k].append(items[k] / dt)
+    return {k: {"median": statistics.median(rates[k]), "min": min(rates[k]), "max": max(rates[k]),
+                "seconds": statistics.median(seconds[k]), "items": items[k], "repeats": repeats} for k in fns}
 
 
 def epoch_rate(make_iter, repeats: int) -> dict:

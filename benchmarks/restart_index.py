@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import DEFAULT_CACHE, table, write_json
+from .common import DEFAULT_CACHE, table, timed_in_turns, write_json
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "retina", "hubble_deep_field",
           "stereo_motorcycle")
@@ -59,26 +59,15 @@ def photo_folder(root: Path, n: int, classes: int = 10, seed: int = 0, noise: fl
 
 
 def median_rate(fn, n: int, repeats: int) -> float:
-    fn()
-    rates = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        rates.append(n / (time.perf_counter() - t))
-    return statistics.median(rates)
+    return interleaved({"fn": fn}, n, repeats)["fn"]
 
 
 def interleaved(fns: dict, n: int, repeats: int) -> dict:
-    """Median img/s of each fn, measured in turns so that a shared machine's load hits all alike."""
-    for fn in fns.values():
-        fn()
-    rates = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            rates[k].append(n / (time.perf_counter() - t))
-    return {k: statistics.median(v) for k, v in rates.items()}
+    """Median img/s of each fn (over n images), measured in turns so that a shared machine's load
+    hits all alike."""
+    def counted(fn):
+        return lambda: (fn(), n)[1]
+    return {k: r["median"] for k, r in timed_in_turns({k: counted(fn) for k, fn in fns.items()}, repeats).items()}
 
 
 def main(argv: list[str] | None = None) -> int:
