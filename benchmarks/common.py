@@ -44,20 +44,34 @@ def timed(fn: Callable[[], int], repeats: int = 3, warmup: int = 1) -> dict:
     cpu_rate is items per second of this process's CPU time (all its threads, not its child
     processes): on a machine shared with other jobs, the figure that does not move with their load.
     """
+    return timed_in_turns({"fn": fn}, repeats, warmup)["fn"]
+
+
+def timed_in_turns(fns: dict[str, Callable[[], int]], repeats: int = 3, warmup: int = 1) -> dict[str, dict]:
+    """timed() of each fn, run in turns (one run of each per round), so that a shared machine's
+    changing load hits them all alike and the ratios between them hold."""
     for _ in range(warmup):
-        fn()
-    rates, seconds, cpu = [], [], []
+        for fn in fns.values():
+            fn()
+    rates: dict[str, list[float]] = {k: [] for k in fns}
+    seconds: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
+    items: dict[str, int] = {}
     for _ in range(repeats):
-        t, c = time.perf_counter(), time.process_time()
-        n = fn()
-        dt = time.perf_counter() - t
-        cpu.append(time.process_time() - c)
-        seconds.append(dt)
-        rates.append(n / dt)
-    cpu_s = statistics.median(cpu)
-    return {"median": statistics.median(rates), "min": min(rates), "max": max(rates),
-            "seconds": statistics.median(seconds), "cpu_rate": n / cpu_s if cpu_s > 0 else None, "items": n,
-            "repeats": repeats}
+        for k, fn in fns.items():
+            t, c = time.perf_counter(), time.process_time()
+            items[k] = fn()
+            dt = time.perf_counter() - t
+            cpu[k].append(time.process_time() - c)
+            seconds[k].append(dt)
+            rates[k].append(items[k] / dt)
+    out = {}
+    for k in fns:
+        cpu_s = statistics.median(cpu[k])
+        out[k] = {"median": statistics.median(rates[k]), "min": min(rates[k]), "max": max(rates[k]),
+                  "seconds": statistics.median(seconds[k]), "cpu_rate": items[k] / cpu_s if cpu_s > 0 else None,
+                  "items": items[k], "repeats": repeats}
+    return out
 
 
 def epoch_rate(make_iter, repeats: int) -> dict:

@@ -4,7 +4,8 @@ validation-decode ceiling, on generated ImageNet-like JPEGs or your own ImageFol
     python -m benchmarks.convert [--classes 20 --per-class 50 --repeats 3]
     python -m benchmarks.convert --src DIR --shard-size-mb 256   # DIR holds train/<class>/*.JPEG
 
-Rates are medians over repeats after a warm-up run (which also warms the page cache).
+Rates are medians over repeats after a warm-up run (which also warms the page cache); the runs
+take turns, one of each per round, so the ratios to the reference hold on a shared machine.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .common import imagenet_like, print_machine, table, timed, write_json
+from .common import imagenet_like, print_machine, table, timed, timed_in_turns, write_json
 
 
 def _sources(root: Path) -> list[Path]:
@@ -97,25 +98,34 @@ def main(argv: list[str] | None = None) -> int:
         def ref():
             shutil.rmtree(tmp / "ref", ignore_errors=True)
             return reference_convert(files, labels, tmp / "ref")
-        r = timed(ref, a.repeats)
-        rows.append({"name": "reference: webdataset TarWriter + full decode, 1 process", "img_s": r["median"],
-                     "mb_s": mb_in / r["seconds"]})
-        ref_rate = r["median"]
+
+        def ours(max_side, restarts, workers):
+            def run():
+                shutil.rmtree(tmp / "ours", ignore_errors=True)
+                m, _ = convert(src, tmp / "ours", splits=["train"], shard_size_mb=shard_mb, max_side=max_side,
+                               workers=workers, progress=False, restart_interval=restarts)
+                return m["splits"]["train"]["samples"]
+            return run
+
         runs = (("full size, restart index (default)", None, RESTART_INTERVAL_MCUS),
                 ("full size, --no-restart-index (passthrough)", None, None),
                 ("--max-side 500", 500, RESTART_INTERVAL_MCUS), ("--max-side 256", 256, RESTART_INTERVAL_MCUS))
+        fns = {"reference": ref}
         for label, max_side, restarts in runs:
             for workers in (1, 2):
-                def ours():
-                    shutil.rmtree(tmp / "ours", ignore_errors=True)
-                    m, _ = convert(src, tmp / "ours", splits=["train"], shard_size_mb=shard_mb, max_side=max_side,
-                                   workers=workers, progress=False, restart_interval=restarts)
-                    return m["splits"]["train"]["samples"]
-                r = timed(ours, a.repeats)
-                rows.append({"name": f"ours: {label}, {workers} worker(s)", "img_s": r["median"],
-                             "mb_s": mb_in / r["seconds"], "vs_ref": r["median"] / ref_rate,
-                             "vs_ceiling": r["median"] / (scaled * workers) if max_side is None and restarts is None
-                             else None})
+                fns[(label, max_side, restarts, workers)] = ours(max_side, restarts, workers)
+        # In turns (the reference and every run once per round): on a shared machine a load that
+        # comes and goes during the benchmark then moves both sides of each ratio together.
+        res = timed_in_turns(fns, a.repeats)
+        r = res.pop("reference")
+        rows.append({"name": "reference: webdataset TarWriter + full decode, 1 process", "img_s": r["median"],
+                     "mb_s": mb_in / r["seconds"]})
+        ref_rate = r["median"]
+        for (label, max_side, restarts, workers), r in res.items():
+            rows.append({"name": f"ours: {label}, {workers} worker(s)", "img_s": r["median"],
+                         "mb_s": mb_in / r["seconds"], "vs_ref": r["median"] / ref_rate,
+                         "vs_ceiling": r["median"] / (scaled * workers) if max_side is None and restarts is None
+                         else None})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import DEFAULT_CACHE, print_machine, table, write_json
+from .common import DEFAULT_CACHE, print_machine, table, timed_in_turns, write_json
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "retina", "hubble_deep_field",
           "stereo_motorcycle")
@@ -59,26 +59,15 @@ def photo_folder(root: Path, n: int, classes: int = 10, seed: int = 0, noise: fl
 
 
 def median_rate(fn, n: int, repeats: int) -> float:
-    fn()
-    rates = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        rates.append(n / (time.perf_counter() - t))
-    return statistics.median(rates)
+    return interleaved({"fn": fn}, n, repeats)["fn"]
 
 
 def interleaved(fns: dict, n: int, repeats: int) -> dict:
-    """Median img/s of each fn, measured in turns so that a shared machine's load hits all alike."""
-    for fn in fns.values():
-        fn()
-    rates = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            rates[k].append(n / (time.perf_counter() - t))
-    return {k: statistics.median(v) for k, v in rates.items()}
+    """Median img/s of each fn (over n images), measured in turns so that a shared machine's load
+    hits all alike."""
+    def counted(fn):
+        return lambda: (fn(), n)[1]
+    return {k: r["median"] for k, r in timed_in_turns({k: counted(fn) for k, fn in fns.items()}, repeats).items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,8 +110,18 @@ def main(argv: list[str] | None = None) -> int:
                      "bytes": total / sum(map(len, datas)) - 1})
     row = variants.get(0)
     for r, target in zip(rows, a.intervals):
-        if row is not None:  # the markers' own cost: against the same optimised Huffman tables
+        if row is not None:  # the markers' own cost: against the same (standard) Huffman tables
             r["vs_row"] = sum(map(len, variants[target])) / sum(map(len, row)) - 1
+    # Huffman tables optimised for each image (libjpeg's gathering pass) against the standard ones
+    # the transcode writes: bytes, and the transcode's own rate side by side.
+    d = RESTART_INTERVAL_MCUS
+    optimised = sum(len(_jpeg.add_restarts(x, d, optimize=True)[0]) for x in datas)
+    standard = sum(len(_jpeg.add_restarts(x, d)[0]) for x in datas)
+    tables = interleaved({"standard": lambda: [_jpeg.add_restarts(x, d) for x in datas],
+                          "optimised": lambda: [_jpeg.add_restarts(x, d, optimize=True) for x in datas]},
+                         n, a.repeats)
+    tables.update(interval=d, bytes_standard=standard / sum(map(len, datas)) - 1,
+                  bytes_optimised=optimised / sum(map(len, datas)) - 1)
     conv = interleaved({"off": lambda: [prepare_image(d) for d in datas],
                         "on": lambda: [prepare_image(d, restart_interval=RESTART_INTERVAL_MCUS) for d in datas]},
                        n, a.repeats)
@@ -130,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
                        ("bytes", "bytes vs source", "+.2%"), ("vs_row", "bytes vs 1-row interval", "+.2%")]))
     print(f"conversion (validate + prepare), 1 core: passthrough {conv['off']:.0f} img/s, "
           f"with restart index {conv['on']:.0f} img/s ({conv['on'] / conv['off']:.2f}x)")
+    print(f"transcode at interval {d}, 1 core: standard Huffman tables {tables['standard']:.0f} img/s "
+          f"({tables['bytes_standard']:+.2%} bytes vs source), optimised {tables['optimised']:.0f} img/s "
+          f"({tables['bytes_optimised']:+.2%}; {tables['optimised'] / tables['standard']:.2f}x the rate)")
 
     # -- single-core decode + resize -----------------------------------------------------------------
     tf = Transform(224, train=True)
@@ -173,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     print("max |indexed - today| of the loader's 224 x 224 output:",
           ", ".join(f"interval {k or 'row'}: {v}" for k, v in worst.items()))
 
-    payload = {"images": n, "mean_kb": mean_kb, "bytes": rows, "conversion": conv, "decode": drows,
+    payload = {"images": n, "mean_kb": mean_kb, "bytes": rows, "conversion": conv, "huffman_tables": tables,
+               "decode": drows,
                "max_pixel_difference": worst, "scan_us": 1e6 / scan}
     if a.loader:
         payload["loader"] = loader_rows(src, a)

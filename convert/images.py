@@ -7,7 +7,9 @@ what Pillow lets through: damaged entropy-coded data (libjpeg's corrupt-data war
 Pillow ignores, leaving grey or garbage pixels), and decompression bombs over the extension's
 limits (the same limits the loader applies, so nothing admitted here is refused there).
 A JPEG that --max-side shrinks is validated by its own decode (kernels._jpeg.decode_scaled: the
-same checks, at a DCT scale in eighths), so its entropy-coded data is read once, not twice.
+same checks, at a DCT scale in eighths), and one given a restart index by its transcode
+(kernels._jpeg.add_restarts reads every coefficient under the same checks), so its entropy-coded
+data is read once, not twice.
 Without the extension, Pillow's luma-only 1/8 draft decode does the reading; it catches
 truncation but not damage. `Image.verify()` would be cheaper still, but it decodes nothing and
 so catches nothing.
@@ -28,6 +30,9 @@ except ImportError:  # pragma: no cover - exercised where libjpeg-turbo headers 
     _jpeg = None
 if _jpeg is not None and not all(hasattr(_jpeg, f) for f in ("validate", "add_restarts", "restart_layout")):
     _jpeg = None  # pragma: no cover - a stale build: Pillow checks, no restart index
+# add_restarts reads the coefficients under validate's checks, so the transcode is the validation
+# (one entropy-decoding pass). An older build's is not: there the file is validated first.
+_TRANSCODE_VALIDATES = _jpeg is not None and bool(_jpeg.features().get("checked_transcode"))
 
 # What torchvision's ImageFolder accepts (torchvision.datasets.folder.IMG_EXTENSIONS).
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -201,21 +206,31 @@ def _resize_to_max_side(im: Image.Image, max_side: int) -> Image.Image:
     return im.resize(size, RESIZE_FILTER, reducing_gap=None)
 
 
-def add_restart_index(jpeg: bytes, meta: dict, interval_mcus: int | None) -> bytes:
-    """The JPEG losslessly transcoded with a restart marker every few MCUs (kernels._jpeg
-    .add_restarts), so the loader can decode only the restart intervals a crop covers; the
-    interval goes into `meta`. Unchanged when `interval_mcus` is None, the extension is not built,
-    or the file is one it does not transcode (progressive, arithmetic-coded, multi-scan)."""
+def _restart_transcode(jpeg: bytes, interval_mcus: int | None) -> tuple[bytes, int] | None:
+    """(the transcoded JPEG, its interval) from kernels._jpeg.add_restarts, or None when
+    `interval_mcus` is None, the extension is not built, or the file is one it does not transcode
+    (progressive, arithmetic-coded, multi-scan, CMYK). Damage raises RejectedImage: the transcode
+    reads every coefficient under validate's checks (and refuses what it could not re-encode)."""
     if interval_mcus is None or _jpeg is None:
-        return jpeg
+        return None
     try:
         out, interval, _ = _jpeg.add_restarts(jpeg, interval_mcus)
     except _jpeg.UnsupportedJPEG:
+        return None
+    except _jpeg.CorruptJPEG as e:
+        raise _rejected_jpeg(e) from None
+    return out, interval
+
+
+def add_restart_index(jpeg: bytes, meta: dict, interval_mcus: int | None) -> bytes:
+    """The JPEG losslessly transcoded with a restart marker every few MCUs (kernels._jpeg
+    .add_restarts), so the loader can decode only the restart intervals a crop covers; the
+    interval goes into `meta`. Unchanged where `_restart_transcode` gives None."""
+    done = _restart_transcode(jpeg, interval_mcus)
+    if done is None:
         return jpeg
-    except _jpeg.CorruptJPEG as e:  # validated already: only a limit differing from validate's
-        raise RejectedImage(f"corrupt JPEG data: {e}") from None
-    meta["restart_interval"] = interval
-    return out
+    meta["restart_interval"] = done[1]
+    return done[0]
 
 
 def prepare_image(data: bytes, max_side: int | None = None, quality: int = 90,
@@ -250,11 +265,13 @@ def prepare_image(data: bytes, max_side: int | None = None, quality: int = 90,
     needs_resize = max_side is not None and max(w, h) > max_side
     passthrough = fmt == "JPEG" and im.mode == "RGB" and not needs_resize
     mode = im.mode
-    # A JPEG to downscale is validated by the decode itself (one entropy-decoding pass, not two).
+    # A JPEG to downscale is validated by the decode itself, and one to index by the transcode
+    # (one entropy-decoding pass, not two).
     resized = _decode_resized_jpeg(data, w, h, max_side) if needs_resize and fmt == "JPEG" else None
+    indexed = _restart_transcode(data, restart_interval) if passthrough and _TRANSCODE_VALIDATES else None
     # Every JPEG, repaired ones too: a CMYK file with damaged data would be re-encoded with the
     # damage baked in.
-    validated = resized is not None or (fmt == "JPEG" and _validate_jpeg(data))
+    validated = resized is not None or indexed is not None or (fmt == "JPEG" and _validate_jpeg(data))
     try:
         if passthrough:
             meta = _jpeg_meta(im)
@@ -263,6 +280,11 @@ def prepare_image(data: bytes, max_side: int | None = None, quality: int = 90,
                 im.draft("L", (math.ceil(w / 8), math.ceil(h / 8)))
                 im.load()
             meta = {"width": w, "height": h, "source_format": fmt, **meta}
+            if indexed is not None:
+                meta["restart_interval"] = indexed[1]
+                return PreparedImage(indexed[0], meta)
+            if _TRANSCODE_VALIDATES:  # no index asked for, or add_restarts does not take this file
+                return PreparedImage(data, meta)
             return PreparedImage(add_restart_index(data, meta, restart_interval), meta)
         if resized is not None:
             im = resized
@@ -291,6 +313,6 @@ def prepare_image(data: bytes, max_side: int | None = None, quality: int = 90,
         if layout is not None:  # the markers the encoder wrote, as the loader will find them
             meta["restart_interval"] = layout[2]
     else:
-        # Repairs are kept at high quality: transcoded losslessly, with optimised tables.
+        # Repairs are kept at high quality: transcoded losslessly.
         jpeg = add_restart_index(jpeg, meta, restart_interval)
     return PreparedImage(jpeg, meta)

@@ -19,7 +19,7 @@
  * validate(data) -> (width, height, components, multi_scan)
  *     Entropy-decodes the whole file to its EOI cheaply (DCT scale 1/8, no colour
  *     conversion) under the same strict policy and limits: the converter's admission check.
- * add_restarts(data, interval_mcus) -> (jpeg, interval, offsets)
+ * add_restarts(data, interval_mcus, optimize=False) -> (jpeg, interval, offsets)
  * decode_region_rst(data, x, y, w, h, denom, out, fast=True, offsets=None) -> (left, top, width, rows)
  * restart_layout(data, offsets=None) -> (mcus_per_row, mcu_rows, interval) or None
  *     Restart-indexed JPEGs: see "restart-indexed JPEGs" below.
@@ -453,8 +453,9 @@ static PyObject *py_decode_region(PyObject *self, PyObject *args) {
  * is in the input buffer) decodes an invalid code as 0 without a warning, so damage inside a
  * baseline scan goes unnoticed when the whole file is in memory. Feeding the data in chunks
  * smaller than that worst case (512 bytes per block) keeps libjpeg on its checked decoder,
- * which reports JWRN_HUFF_BAD_CODE. decode_region keeps the fast decoder: the converter has
- * already validated what is in a shard. */
+ * which reports JWRN_HUFF_BAD_CODE. decode_scaled and add_restarts read through it too (they
+ * are the converter's validation where they run). decode_region keeps the fast decoder: the
+ * converter has already validated what is in a shard. */
 #define VALIDATE_CHUNK 256
 
 typedef struct {
@@ -509,12 +510,18 @@ static void chunked_setup(chunked_source *src, const Py_buffer *data) {
 }
 
 /* Inside the caller's setjmp: the decompressor on the chunked source (the checked Huffman
- * decoder), its header read and the multi-scan limit applied. */
+ * decoder), its header read and the multi-scan limit applied. The strict reading every entry
+ * point that admits untrusted bytes shares (validate, decode_scaled, add_restarts): with
+ * on_message and on_error, the one damage policy. keep_markers: APPn and COM are saved. */
 static void open_checked(j_decompress_ptr cinfo, context *ctx, const Py_buffer *data, chunked_source *src,
-                         const limits_t *lim) {
+                         const limits_t *lim, int keep_markers) {
     ctx->corrupt = "bad JPEG header";
     create(cinfo, ctx, data);
     cinfo->src = &src->pub; /* replaces create()'s memory source (pool memory, freed later) */
+    if (keep_markers) {
+        for (int m = 0; m < 16; m++) jpeg_save_markers(cinfo, JPEG_APP0 + m, 0xFFFF);
+        jpeg_save_markers(cinfo, JPEG_COM, 0xFFFF);
+    }
     jpeg_read_header(cinfo, TRUE);
     ctx->corrupt = "corrupt JPEG data";
     check_multiscan(cinfo, lim);
@@ -536,7 +543,7 @@ static PyObject *py_validate(PyObject *self, PyObject *args) {
     if (setjmp(ctx.jump)) {
         failed = 1;
     } else {
-        open_checked(&cinfo, &ctx, &data, &src, &lim);
+        open_checked(&cinfo, &ctx, &data, &src, &lim, 0);
         iw = cinfo.image_width;
         ih = cinfo.image_height;
         comps = cinfo.num_components;
@@ -599,7 +606,7 @@ static PyObject *py_decode_scaled(PyObject *self, PyObject *args) {
     if (setjmp(ctx.jump)) {
         failed = 1;
     } else {
-        open_checked(&cinfo, &ctx, &data, &src, &lim);
+        open_checked(&cinfo, &ctx, &data, &src, &lim, 0);
         if (cinfo.jpeg_color_space == JCS_CMYK || cinfo.jpeg_color_space == JCS_YCCK)
             fail((j_common_ptr)&cinfo, FAIL_UNSUPPORTED, "unsupported JPEG: %s colour space (no RGB conversion "
                  "in libjpeg)", cinfo.jpeg_color_space == JCS_CMYK ? "CMYK" : "YCCK");
@@ -644,16 +651,22 @@ static PyObject *py_decode_scaled(PyObject *self, PyObject *args) {
  * renumbered 0..7 in sequence. decode_region_rst decodes that small stream instead of the whole
  * file, so entropy decoding (the dominant cost at ImageNet sizes) touches only the crop's MCUs.
  *
- * add_restarts(data, interval_mcus) -> (jpeg, interval, offsets)
+ * add_restarts(data, interval_mcus, optimize=False) -> (jpeg, interval, offsets)
  *     Losslessly transcodes a single-scan Huffman 8-bit grey or YCbCr JPEG (the DCT coefficients
- *     are copied, never requantised; Huffman tables are optimised, which usually more than pays
- *     for the markers) with a restart marker every `interval` MCUs: the largest divisor of the
- *     MCUs per row that is at most `interval_mcus` (0: one MCU row). APPn and COM markers are
- *     kept (EXIF, ICC: the loader applies neither, but other readers of the shard may).
+ *     are copied, never requantised) with a restart marker every `interval` MCUs: the largest
+ *     divisor of the MCUs per row that is at most `interval_mcus` (0: one MCU row). APPn and COM
+ *     markers are kept (EXIF, ICC: the loader applies neither, but other readers of the shard
+ *     may). The coefficients are read under validate's checks (the checked Huffman decoder, the
+ *     strict policy, on to EOI), so the transcode is also the file's validation: one entropy-
+ *     decoding pass where validate and a transcode took two. It calls corrupt exactly what
+ *     validate does, and besides refuses a single-scan image over the multi-scan pixel limit
+ *     (it holds every coefficient) and coefficients no 8-bit encoder writes (it could not code
+ *     them again). optimize: Huffman tables optimised for the image (libjpeg's extra gathering
+ *     pass) instead of the standard ones; see TRANSCODE_TABLES for why it is off.
  *     offsets: little-endian uint32, the byte offset of each interval's entropy-coded data,
  *     then that of the EOI marker. Raises UnsupportedJPEG for progressive, arithmetic-coded,
- *     multi-scan, 12-bit, CMYK/YCCK or RGB files (the converter passes those through),
- *     CorruptJPEG for damaged ones.
+ *     multi-scan, 12-bit, CMYK/YCCK or RGB files (the converter validates and passes those
+ *     through), CorruptJPEG for damaged ones.
  * decode_region_rst(data, x, y, w, h, denom, out, fast=True, offsets=None)
  *     decode_region's contract. Files whose restart layout does not allow splicing (none,
  *     an interval that does not divide the MCU rows, progressive, ...) and offsets that do not
@@ -977,10 +990,49 @@ static void grow_term(j_compress_ptr cinfo) {
     d->len = d->cap - d->pub.free_in_buffer;
 }
 
-static PyObject *py_add_restarts(PyObject *self, PyObject *args) {
+/* libjpeg's decoder stores coefficients of any size the file's Huffman codes give (up to 15 bits),
+ * and validate accepts them: it checks the stream, not the values. Re-encoding needs them within
+ * what an 8-bit encoder writes: AC within +-1023 (10 bits), DC within -1024..1023, so that every
+ * DC difference (11 bits) has a code. Checks every block the encoder will read (the padding
+ * blocks of an interleaved scan's edge MCUs are not re-encoded). */
+static void check_coefficient_range(j_decompress_ptr cinfo, jvirt_barray_ptr *coefs) {
+    for (int ci = 0; ci < cinfo->num_components; ci++) {
+        jpeg_component_info *c = &cinfo->comp_info[ci];
+        JDIMENSION step = (JDIMENSION)c->v_samp_factor; /* the rows the array was requested to give */
+        for (JDIMENSION r0 = 0; r0 < c->height_in_blocks; r0 += step) {
+            JBLOCKARRAY rows = (*cinfo->mem->access_virt_barray)((j_common_ptr)cinfo, coefs[ci], r0, step, FALSE);
+            for (JDIMENSION r = 0; r < step && r0 + r < c->height_in_blocks; r++) {
+                /* A row's blocks are contiguous: one vectorised pass over all of them against the
+                 * AC range, and only a row where that fails block by block (a DC of -1024). */
+                const JCOEF *k = rows[r][0];
+                size_t n = (size_t)c->width_in_blocks * DCTSIZE2;
+                unsigned bad = 0;
+                for (size_t i = 0; i < n; i++) bad |= (uint16_t)(k[i] + 1023) > 2046u;
+                if (!bad) continue;
+                for (size_t b = 0; b < n; b += DCTSIZE2) {
+                    bad = (unsigned)(k[b] + 1024) > 2047u;
+                    for (int i = 1; i < DCTSIZE2; i++) bad |= (unsigned)(k[b + i] + 1023) > 2046u;
+                    if (bad)
+                        fail((j_common_ptr)cinfo, FAIL_CORRUPT, "corrupt JPEG data: DCT coefficient out of range "
+                             "(beyond what an 8-bit encoder writes)");
+                }
+            }
+        }
+    }
+}
+
+/* TRANSCODE_TABLES: the standard Huffman tables (optimize=False) unless the caller asks. Chosen
+ * by the figures (benchmarks/RESULTS.md, 2-core AMD EPYC, medians side by side): libjpeg's
+ * optimisation is a second pass over every coefficient that halves the transcode's rate (133
+ * against 272 img/s on one core), for files 3.0 % smaller (-0.89 % against +2.09 % vs the source
+ * on benchmarks.restart_index's q90 photos; 5.5 % on the photo set's mix) that the loader decodes
+ * no faster (0.99-1.01x). With the standard tables the converter with the index runs at 0.87-0.94x
+ * the reference's per-core rate, with optimised ones 0.47x. */
+static PyObject *py_add_restarts(PyObject *self, PyObject *args, PyObject *kwargs) {
+    static char *kw[] = {"data", "interval_mcus", "optimize", NULL};
     Py_buffer data;
-    int target;
-    if (!PyArg_ParseTuple(args, "y*i", &data, &target)) return NULL;
+    int target, optimize = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*i|p:add_restarts", kw, &data, &target, &optimize)) return NULL;
     if (target < 0) {
         PyBuffer_Release(&data);
         PyErr_SetString(PyExc_ValueError, "add_restarts: interval_mcus must be >= 0");
@@ -1005,16 +1057,14 @@ static PyObject *py_add_restarts(PyObject *self, PyObject *args) {
     }
     volatile unsigned interval = 0;
     volatile int failed = 0, dst_made = 0;
+    chunked_source in;
+    chunked_setup(&in, &data);
     Py_BEGIN_ALLOW_THREADS
     if (setjmp(ctx.jump)) {
         failed = 1;
     } else {
-        ctx.corrupt = "bad JPEG header";
-        create(&src, &ctx, &data);
-        for (int m = 0; m < 16; m++) jpeg_save_markers(&src, JPEG_APP0 + m, 0xFFFF);
-        jpeg_save_markers(&src, JPEG_COM, 0xFFFF);
-        jpeg_read_header(&src, TRUE);
-        ctx.corrupt = "corrupt JPEG data";
+        /* validate's checked reading: this pass is the converter's validation of the file. */
+        open_checked(&src, &ctx, &data, &in, &lim, 1);
         /* The whole image's coefficients are held: the multi-scan pixel cap applies. */
         if ((unsigned long long)src.image_width * src.image_height > (unsigned long long)lim.max_multiscan_pixels)
             fail((j_common_ptr)&src, FAIL_CORRUPT, "decompression bomb: %u x %u pixels (the limit is %lld pixels; "
@@ -1031,7 +1081,8 @@ static PyObject *py_add_restarts(PyObject *self, PyObject *args) {
             if (src.max_h_samp_factor % src.comp_info[ci].h_samp_factor ||
                 src.max_v_samp_factor % src.comp_info[ci].v_samp_factor)
                 fail((j_common_ptr)&src, FAIL_UNSUPPORTED, "unsupported JPEG: fractional sampling");
-        jvirt_barray_ptr *coefs = jpeg_read_coefficients(&src);
+        jvirt_barray_ptr *coefs = jpeg_read_coefficients(&src); /* to EOI: damage after the scan counts */
+        check_coefficient_range(&src, coefs);
         dst.err = src.err;
         jpeg_create_compress(&dst);
         dst_made = 1;
@@ -1045,7 +1096,7 @@ static PyObject *py_add_restarts(PyObject *self, PyObject *args) {
         if (n > 65535) n = 1; /* DRI is 16 bits; a 1-MCU interval divides every row */
         interval = n;
         dst.restart_interval = n;
-        dst.optimize_coding = TRUE;
+        dst.optimize_coding = optimize ? TRUE : FALSE;
         jpeg_write_coefficients(&dst, coefs);
         for (jpeg_saved_marker_ptr m = src.marker_list; m != NULL; m = m->next) {
             /* As jpegtran: the JFIF and Adobe markers libjpeg writes itself are not copied. */
@@ -1158,7 +1209,7 @@ static PyObject *py_features(PyObject *self, PyObject *unused) {
     char path[1024];
     int has12;
     loaded_library(path, sizeof path, &has12);
-    return Py_BuildValue("{s:s,s:i,s:s,s:O,s:O,s:O,s:O,s:O,s:O}",
+    return Py_BuildValue("{s:s,s:i,s:s,s:O,s:O,s:O,s:O,s:O,s:O,s:O}",
                          "build_version", STR(LIBJPEG_TURBO_VERSION),
                          "build_version_number", (int)LIBJPEG_TURBO_VERSION_NUMBER,
                          "library", path,
@@ -1167,7 +1218,8 @@ static PyObject *py_features(PyObject *self, PyObject *unused) {
                          "merged_crop_fixed", merged_crop_fixed ? Py_True : Py_False,
                          "merged_upsampling", (use_merged && MERGED_CROP_SAFE_AT_BUILD) ? Py_True : Py_False,
                          "crop_669_fixed", crop_669_fixed ? Py_True : Py_False,
-                         "workaround_669", workaround_669 ? Py_True : Py_False);
+                         "workaround_669", workaround_669 ? Py_True : Py_False,
+                         "checked_transcode", Py_True);
 }
 
 /* Tests only: force the safe paths (plain upsampling off, the #669 workaround on) on a library
@@ -1328,10 +1380,12 @@ static PyMethodDef methods[] = {
      "row) is decoded from only the intervals that cover the box. offsets (add_restarts' table)\n"
      "are checked against the data; without them the markers are found by a scan. Any other\n"
      "file, or offsets that do not match, take decode_region's whole-file path."},
-    {"add_restarts", py_add_restarts, METH_VARARGS,
-     "add_restarts(data, interval_mcus) -> (jpeg, interval, offsets)\n\n"
+    {"add_restarts", (PyCFunction)(void (*)(void))py_add_restarts, METH_VARARGS | METH_KEYWORDS,
+     "add_restarts(data, interval_mcus, optimize=False) -> (jpeg, interval, offsets)\n\n"
      "Losslessly transcode a single-scan Huffman grey/YCbCr JPEG with a restart marker every\n"
-     "`interval` MCUs (the largest divisor of the MCUs per row <= interval_mcus; 0: one row).\n"
+     "`interval` MCUs (the largest divisor of the MCUs per row <= interval_mcus; 0: one row),\n"
+     "reading it under validate's checks: a success is also a validation. optimize: Huffman\n"
+     "tables optimised for the image rather than the standard ones (about 2x the time).\n"
      "offsets: uint32 LE start of each interval's data, then the EOI's offset. Raises\n"
      "UnsupportedJPEG (progressive, arithmetic, multi-scan, 12-bit, CMYK...), CorruptJPEG."},
     {"restart_layout", py_restart_layout, METH_VARARGS,
@@ -1362,7 +1416,8 @@ static PyMethodDef methods[] = {
      "build_version: the libjpeg-turbo headers built against; library: the file loaded;\n"
      "merged_crop_fixed / crop_669_fixed: what the import-time probes found in the loaded\n"
      "library; merged_upsampling: fast=True uses plain (merged) upsampling with crop and skip;\n"
-     "workaround_669: 2x4/4x2-sampled files at scale 1/2 and 1/4 are decoded at full width."},
+     "workaround_669: 2x4/4x2-sampled files at scale 1/2 and 1/4 are decoded at full width;\n"
+     "checked_transcode: add_restarts reads under validate's checks (older builds did not)."},
     {"_override", (PyCFunction)(void (*)(void))py_override, METH_VARARGS | METH_KEYWORDS,
      "_override(*, merged_upsampling=None, workaround_669=None): tests only; see features()."},
     {NULL, NULL, 0, NULL},

@@ -67,8 +67,8 @@ DALI_INDEX_VERSION = "v1.2"
 SPLIT_NAMES = ("train", "val", "test")
 # Target restart interval of full-size shard JPEGs, in MCUs (see the module docstring). Chosen by
 # benchmarks/restart_index.py on ~100 KB 500 px photos: 2 MCUs decoded crops a little faster than 4
-# (1.22-1.24x today's decode + resize against 1.19-1.20x; one MCU row: 1.07-1.09x), and the files
-# still come out about 1 % smaller than their sources (the transcode optimises the Huffman tables).
+# (1.22-1.24x today's decode + resize against 1.19-1.20x; one MCU row: 1.07-1.09x), for files about
+# 2 % larger than their sources (the markers; the transcode writes the standard Huffman tables).
 RESTART_INTERVAL_MCUS = 2
 _FIXED_MTIME = 0
 

@@ -129,6 +129,62 @@ def pil_jpeg(rgb: np.ndarray, quality: int = 90, **save) -> bytes:
     return buf.getvalue()
 
 
+ZIGZAG = [0, 1, 8, 16, 9, 2, 3, 10, 17, 24, 32, 25, 18, 11, 4, 5, 12, 19, 26, 33, 40, 48, 41, 34, 27, 20, 13, 6,
+          7, 14, 21, 28, 35, 42, 49, 56, 57, 50, 43, 36, 29, 22, 15, 23, 30, 37, 44, 51, 58, 59, 52, 45, 38, 31,
+          39, 46, 53, 60, 61, 54, 47, 55, 62, 63]  # zigzag index -> natural (row-major) index
+
+
+def single_block(dc: int, ac: dict[int, int] | None = None) -> bytes:
+    """An 8 x 8 grey baseline JPEG of one block, written by hand: DC `dc` and the AC coefficients
+    `ac` ({zigzag index 1..63: value}), all quantisers 1, with Huffman tables that hold whatever
+    sizes the values need, up to 15 bits (an 8-bit encoder writes at most 11 for DC and 10 for
+    AC; libjpeg's decoder reads the rest without a warning)."""
+    ac = ac or {}
+    symbols: list[tuple[int, int, int]] = []  # (table 0 DC / 1 AC, symbol, value)
+
+    def size(v: int) -> int:
+        return abs(v).bit_length()
+
+    symbols.append((0, size(dc), dc))
+    run = 0
+    for k in range(1, 64):
+        v = ac.get(k, 0)
+        if v == 0:
+            run += 1
+            continue
+        while run > 15:
+            symbols.append((1, 0xF0, 0))
+            run -= 16
+        symbols.append((1, run << 4 | size(v), v))
+        run = 0
+    if run:
+        symbols.append((1, 0x00, 0))  # EOB
+    codes = {}
+    dht = b""
+    for table in (0, 1):
+        used = sorted({s for t, s, _ in symbols if t == table})
+        length = max(1, len(used).bit_length())  # n < 2 ** length: the all-ones code stays unused
+        counts = [0] * 16
+        counts[length - 1] = len(used)
+        codes[table] = {s: (i, length) for i, s in enumerate(used)}
+        body = bytes([table << 4]) + bytes(counts) + bytes(used)
+        dht += b"\xff\xc4" + (2 + len(body)).to_bytes(2, "big") + body
+    bits = ""
+    for table, sym, v in symbols:
+        code, length = codes[table][sym]
+        bits += format(code, f"0{length}b")
+        n = sym & 15 if table else sym
+        if n:  # the value's bits: v itself, or v - 1 in n bits if negative
+            bits += format(v if v > 0 else v + (1 << n) - 1, f"0{n}b")
+    bits += "1" * (-len(bits) % 8)
+    entropy = bytes(int(bits[i:i + 8], 2) for i in range(0, len(bits), 8)).replace(b"\xff", b"\xff\x00")
+    return (b"\xff\xd8"
+            + b"\xff\xdb\x00\x43\x00" + b"\x01" * 64
+            + b"\xff\xc0\x00\x0b\x08\x00\x08\x00\x08\x01\x01\x11\x00"
+            + dht
+            + b"\xff\xda\x00\x08\x01\x01\x00\x00\x3f\x00" + entropy + b"\xff\xd9")
+
+
 # -- byte surgery ---------------------------------------------------------------------------
 
 SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}

@@ -202,6 +202,27 @@ def test_damaged_files_are_corrupt_everywhere(baseline, progressive):
             assert msg.startswith(("truncated JPEG", "corrupt JPEG data", "bad JPEG header")), (name, msg)
 
 
+def test_the_transcode_checks_as_validate_does(baseline, progressive):
+    """add_restarts reads the coefficients through validate's checks, so the converter reads an
+    indexed file's entropy-coded data once: every damaged file is corrupt, or (progressive, so
+    multi-scan, so not transcoded) unsupported before its data is read; the converter then
+    validates it."""
+    files = {**_damaged(baseline, progressive),
+             **{f"Huffman damage at {at}": fx.damage_entropy(baseline, at=at) for at in (0.05, 0.5, 0.99)}}
+    for name, data in files.items():
+        with pytest.raises((_jpeg.CorruptJPEG, _jpeg.UnsupportedJPEG)) as e:
+            _jpeg.add_restarts(data, 4)
+        msg = str(e.value)
+        if isinstance(e.value, _jpeg.UnsupportedJPEG):
+            assert _jpeg.header(data)[3], (name, msg)  # multi-scan
+            continue
+        assert msg.startswith(("truncated JPEG", "corrupt JPEG data", "bad JPEG header")), (name, msg)
+        if name.startswith("Huffman"):
+            assert "Huffman" in msg, (name, msg)
+        with pytest.raises(_jpeg.CorruptJPEG):
+            _jpeg.validate(data)
+
+
 def test_validate_finds_damage_anywhere_in_a_baseline_scan(baseline):
     """libjpeg-turbo's fast Huffman decoder reads an invalid code as 0 without a warning;
     validate must still see 64 one-bits (never a valid code) wherever they are."""
@@ -231,6 +252,8 @@ def test_restart_marker_damage_is_corrupt(rgb):
             _jpeg.validate(bad)
         with pytest.raises(_jpeg.CorruptJPEG, match="RST|marker"):
             _jpeg.decode_scaled(bad, 8, buf)
+        with pytest.raises(_jpeg.CorruptJPEG, match="RST|marker"):
+            _jpeg.add_restarts(bad, 2)
 
 
 def test_harmless_quirks_still_decode(baseline):
@@ -241,6 +264,7 @@ def test_harmless_quirks_still_decode(baseline):
         assert np.array_equal(decode_full(quirk), ref)
         assert _jpeg.validate(quirk) == (320, 240, 3, 0)
         assert np.array_equal(decode_scaled(quirk, 8), ref)
+        assert np.array_equal(decode_full(_jpeg.add_restarts(quirk, 4)[0]), ref)
 
 
 @pytest.mark.parametrize("num", [8, 4, 2, 1])

@@ -96,6 +96,35 @@ def test_what_cannot_be_transcoded_is_unsupported_or_corrupt(photo):
         _jpeg.add_restarts(bytes(odd), 4)
 
 
+def test_coefficients_no_8_bit_encoder_writes_are_refused_by_the_transcode():
+    """libjpeg decodes coefficients of any size a file's Huffman tables allow, and validate accepts
+    them (it checks the stream, not the values). The transcode re-encodes them, so it refuses what
+    no 8-bit encoder writes (AC beyond +-1023, DC outside -1024..1023: a difference of two such DCs
+    still fits the 11 bits a DC table codes) rather than write a file no table can code."""
+    for dc, ac in ((-1024, {1: 1023, 63: -1023}), (1023, {2: -1023, 40: 7})):  # the extremes
+        src = fx.single_block(dc, ac)
+        out, interval, _ = _jpeg.add_restarts(src, 1)
+        assert interval == 1 and np.array_equal(pixels(out), pixels(src))
+    for dc, ac in ((0, {5: 1024}), (0, {63: -1024}), (1024, {}), (-1025, {}), (2048, {}), (0, {1: -32767})):
+        src = fx.single_block(dc, ac)
+        assert _jpeg.validate(src) == (8, 8, 1, 0)
+        for optimize in (False, True):
+            with pytest.raises(_jpeg.CorruptJPEG, match="^corrupt JPEG data: DCT coefficient out of range"):
+                _jpeg.add_restarts(src, 1, optimize=optimize)
+
+
+def test_optimised_tables_are_lossless_smaller_and_checked_alike(photo):
+    """optimize=True (the measured alternative to the standard tables): the same coefficients and
+    layout in fewer bytes, under the same checks."""
+    std, n, table = _jpeg.add_restarts(photo, 2)
+    opt, n_opt, table_opt = _jpeg.add_restarts(photo, 2, optimize=True)
+    assert n == n_opt and len(opt) < len(std)
+    assert np.array_equal(pixels(opt), pixels(photo)) and np.array_equal(pixels(std), pixels(photo))
+    assert _jpeg.restart_layout(opt, table_opt) == _jpeg.restart_layout(std, table)
+    with pytest.raises(_jpeg.CorruptJPEG, match="Huffman"):
+        _jpeg.add_restarts(fx.damage_entropy(photo, at=0.1), 2, optimize=True)
+
+
 def test_app_markers_are_kept(photo):
     src = Image.open(io.BytesIO(photo))
     exif = Image.Exif()
@@ -281,6 +310,26 @@ def test_converter_indexes_by_default_and_the_flag_turns_it_off(photo_folder, tm
             assert data == source and "restart_interval" not in meta
         else:
             assert _jpeg.restart_layout(data)[2] == meta["restart_interval"]
+
+
+def test_an_indexed_jpeg_is_read_once_and_damage_is_still_rejected(photo, monkeypatch):
+    """The transcode is the validation (one entropy-decoding pass): validate is called only for
+    what add_restarts does not take (progressive here), and damage is rejected as before."""
+    from convert import images
+
+    validated = []
+    real = _jpeg.validate
+    monkeypatch.setattr(images._jpeg, "validate", lambda data: validated.append(data) or real(data))
+    out = images.prepare_image(photo, restart_interval=2)
+    assert out.meta["restart_interval"] and np.array_equal(pixels(out.jpeg), pixels(photo))
+    assert validated == []
+    prog = fx.pil_jpeg(fx.photo(120, 90, seed=9), progressive=True)
+    assert images.prepare_image(prog, restart_interval=2).jpeg == prog and validated == [prog]
+    for bad in (fx.damage_entropy(photo), fx.cut_scan(photo), photo[:len(photo) // 2]):
+        with pytest.raises(images.RejectedImage, match="^(corrupt JPEG data|truncated)"):
+            images.prepare_image(bad, restart_interval=2)
+    assert images.prepare_image(photo).jpeg == photo  # no index: validated, passed through
+    assert validated[-1] == photo
 
 
 def test_resized_images_get_the_markers_from_the_encoder(photo_folder, tmp_path):

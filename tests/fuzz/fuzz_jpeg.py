@@ -12,7 +12,9 @@ JPEG. `check_one` runs all three calls and checks the module's contract:
   * the limits hold: a multi-scan file over max_multiscan_pixels is refused as a bomb, and the
     process's peak RSS grows less than RSS_GROWTH_KB;
   * validate agrees with the others: what it accepts has the header's dimensions, and decodes;
-    decode_scaled (validate plus a decode at n/8) calls corrupt exactly what validate does.
+    decode_scaled (validate plus a decode at n/8) calls corrupt exactly what validate does, and
+    so does add_restarts (validate's checks while it reads the coefficients), besides its own
+    refusals (TRANSCODE_OWN_REFUSALS).
 
 Splice inputs (decode_region_rst, the restart-interval splice): 8 parameter bytes, SPLICE_TAG,
 a 2-byte little-endian length, that many bytes of restart offsets (add_restarts' table, mutated
@@ -176,15 +178,28 @@ def check_scaled(data: bytes, num: int, header, valid, bomb: bool) -> None:
         raise InvariantError(f"decode_scaled gave {got} for a {W}x{H} file validate says {valid} of, at {num}/8")
 
 
-def check_transcode(data: bytes, interval: int, header) -> str:
-    """add_restarts on hostile bytes: only the data's exceptions; what it writes is a valid JPEG of
-    the same size whose restart layout decode_region_rst can splice."""
+# What add_restarts refuses on its own account, beyond validate's checks: a single-scan image over
+# the multi-scan pixel limit (it holds every coefficient), coefficients it could not re-encode.
+TRANSCODE_OWN_REFUSALS = ("decompression bomb", "corrupt JPEG data: DCT coefficient out of range")
+
+
+def check_transcode(data: bytes, interval: int, header, valid) -> str:
+    """add_restarts on hostile bytes: only the data's exceptions. It reads the coefficients under
+    validate's checks (the converter's one pass), so it calls corrupt exactly what validate does,
+    besides TRANSCODE_OWN_REFUSALS, and transcodes nothing validate refuses; what it writes is a
+    valid JPEG of the same size whose restart layout decode_region_rst can splice."""
     try:
         out, n, table = _jpeg.add_restarts(data, interval)
-    except (_jpeg.CorruptJPEG, _jpeg.UnsupportedJPEG):
+    except _jpeg.UnsupportedJPEG:
+        return ""
+    except _jpeg.CorruptJPEG as e:
+        if valid is not None and not str(e).startswith(TRANSCODE_OWN_REFUSALS):
+            raise InvariantError(f"validate accepted a file add_restarts calls corrupt: {e}") from None
         return ""
     if header is None:
         raise InvariantError("add_restarts succeeded on a file whose header fails")
+    if valid is None:
+        raise InvariantError("add_restarts transcoded a file validate refuses")
     try:
         v = _jpeg.validate(out)
     except (_jpeg.CorruptJPEG, _jpeg.UnsupportedJPEG) as e:
@@ -295,7 +310,7 @@ def check_one(blob: bytes) -> str:
             raise InvariantError("validate accepted a file decode_region calls corrupt")
         outcome += "+valid"
     check_scaled(data, p[4] % 8 + 1, header, v if "+valid" in outcome else None, bomb)
-    outcome += check_transcode(data, p[5] % 9, header)
+    outcome += check_transcode(data, p[5] % 9, header, v if "+valid" in outcome else None)
     rss = peak_rss_kb()
     if rss > _rss_ceiling_kb:
         raise InvariantError(f"peak RSS {rss >> 10} MB exceeds {_rss_ceiling_kb >> 10} MB")
@@ -333,6 +348,9 @@ def seed_inputs() -> dict[str, bytes]:
     base = jpegs["pil_48x40_4:2:0_prog"]
     jpegs["bomb_prog"] = fx.with_dimensions(base, 16000, 16000)
     jpegs["damaged"] = fx.damage_entropy(jpegs["pil_97x33_4:2:0"])
+    # Large enough that libjpeg-turbo's fast Huffman decoder (which reads a bad code as 0, without
+    # a warning) would run where the data is whole in memory: what validate's checked decoder finds.
+    jpegs["damaged_early"] = fx.damage_entropy(fx.pil_jpeg(fx.photo(160, 120, seed=11)), at=0.1)
     jpegs["cut"] = fx.cut_scan(base)
     jpegs["dup_scan"] = fx.duplicate_scan(base)
     out = {}
