@@ -3,8 +3,10 @@ decode + resize, and the 2-worker loader against the pytorch/examples reference.
 
     python -m benchmarks.restart_index [--images 400 --intervals 0 8 4 2 1 --repeats 5 --loader]
 
-The images are real photographs (scikit-image's bundled ones): random ImageNet-like crops scaled
-to about 500 px wide, with camera-like noise, stored at quality 90, 4:2:0. Every ratio compares
+The images are the benchmarks' real-photo set (`benchmarks.photos`, as `benchmarks.loader` and
+`benchmarks.convert` use): ImageNet-like crops of scikit-image's bundled photographs with camera
+noise and ImageNet's mix of quality and chroma subsampling; the few files the transcode does not
+take (CMYK) are left out. Every ratio compares
 two paths in the same process on the same images and crop boxes (RandomResizedCrop 224, the
 loader's own draws); rates are medians of repeats after a warm-up. Interval 0 is one MCU row.
 """
@@ -17,45 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import DEFAULT_CACHE, print_machine, table, timed_in_turns, write_json
+from .common import imagenet_like, print_machine, table, timed_in_turns, write_json
 
-PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "retina", "hubble_deep_field",
-          "stereo_motorcycle")
-
-
-def photo_folder(root: Path, n: int, classes: int = 10, seed: int = 0, noise: float = 10.0) -> Path:
-    """An ImageFolder (train/) of `n` noisy real-photo JPEGs, built once and cached."""
-    done = root / "train" / ".complete"
-    if done.exists():
-        return root
+def _transcodes(_jpeg, data: bytes) -> bool:
     try:
-        import skimage.data
-    except ImportError:
-        raise ImportError("benchmarks.restart_index needs scikit-image's photos: pip install scikit-image") from None
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    photos = []
-    for name in PHOTOS:
-        a = getattr(skimage.data, name)()
-        photos.append(a[0] if isinstance(a, tuple) else a)
-    for i in range(n):
-        src = photos[i % len(photos)]
-        h, w = src.shape[:2]
-        # An ImageNet-like view: 40-100 % of the photo's side, aspect 3:4 to 4:3.
-        cw = int(w * rng.uniform(0.4, 1.0))
-        ch = min(h, int(cw * rng.uniform(0.75, 1.33)))
-        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-        out_w = 500
-        out_h = max(64, round(out_w * ch / cw))
-        im = Image.fromarray(src[y:y + ch, x:x + cw]).resize((out_w, out_h), Image.Resampling.BICUBIC)
-        noisy = np.asarray(im, np.float32) + rng.normal(0, noise, (out_h, out_w, 3))  # sensor noise
-        folder = root / "train" / f"n{i % classes:08d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(folder / f"img_{i:05d}.JPEG", quality=90,
-                                                                        subsampling="4:2:0")
-    done.touch()
-    return root
+        _jpeg.add_restarts(data, 2)
+        return True
+    except (_jpeg.CorruptJPEG, _jpeg.UnsupportedJPEG, ValueError):
+        return False
 
 
 def median_rate(fn, n: int, repeats: int) -> float:
@@ -75,8 +46,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=400)
     p.add_argument("--intervals", type=int, nargs="+", default=[0, 8, 4, 2, 1], help="target MCUs (0: one row)")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--noise", type=float, default=10.0,
-                   help="sensor noise sigma (10: about 100 KB per 500 px photo at q90, like ImageNet's)")
     p.add_argument("--loader", action="store_true", help="also the 2-worker loaders against the reference")
     p.add_argument("--loader-intervals", type=int, nargs="+", default=[4, 2, 0])
     p.add_argument("--batch-size", type=int, default=64)
@@ -90,14 +59,16 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.augment import Transform
     from pipeline.shard_format import RESTART_INTERVAL_MCUS
 
-    src = photo_folder(DEFAULT_CACHE / f"restart_photos_{a.images}_noise{a.noise:g}", a.images, noise=a.noise)
-    files = sorted((src / "train").rglob("*.JPEG"))
-    datas = [f.read_bytes() for f in files]
+    # The benchmarks' real-photo set (benchmarks.photos), as the loader's and the converter's.
+    src = imagenet_like(classes=10, per_class=max(1, a.images // 10))
+    datas = [f.read_bytes() for f in sorted((src / "train").rglob("*.JPEG"))]
+    transcodable = [d for d in datas if _transcodes(_jpeg, d)]  # the grey and CMYK files are kept as they are
+    print(f"{len(datas) - len(transcodable)} of {len(datas)} files the transcode does not take (CMYK, ...): left out")
+    datas = transcodable
     n = len(datas)
     mean_kb = sum(map(len, datas)) / n / 1e3
     sizes = np.array([_jpeg.header(d)[:2] for d in datas])
-    print(f"{n} real-photo JPEGs, mean {sizes[:, 0].mean():.0f} x {sizes[:, 1].mean():.0f} px, {mean_kb:.0f} KB, "
-          "q90 4:2:0")
+    print(f"{n} real-photo JPEGs, mean {sizes[:, 0].mean():.0f} x {sizes[:, 1].mean():.0f} px, {mean_kb:.0f} KB")
 
     # -- bytes and conversion cost --------------------------------------------------------------
     rows = []
