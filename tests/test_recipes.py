@@ -39,6 +39,15 @@ def test_cifar_shards_get_the_cifar_recipe_and_flags_keep_their_meaning(cifar_sh
     assert resolved("--shards", colour_shards, "--device", "cpu", "--recipe", "cifar").crop == "padded"
 
 
+def test_the_cifar_recipe_keeps_its_rate_per_sample_at_another_batch(cifar_shards):
+    # lr 0.1 belongs to batch 128: -b 16 without --lr gets 0.0125, not 0.1 (8x the rate per sample).
+    assert resolved("--shards", cifar_shards, "--device", "cpu").lr == 0.1
+    assert resolved("--shards", cifar_shards, "--device", "cpu", "-b", "16").lr == pytest.approx(0.0125)
+    assert resolved("--shards", cifar_shards, "--device", "cpu", "-b", "256").lr == pytest.approx(0.2)
+    assert resolved("--shards", cifar_shards, "--device", "cpu", "-b", "16", "--lr", "0.05").lr == 0.05  # given: kept
+    assert resolved("--synthetic", "--device", "cpu", "-b", "16").lr == 0.1  # the seed's default stays the seed's
+
+
 def test_warm_up_fits_the_run_unless_given():
     assert recipes.default_warm_up(137) == 5 and recipes.default_warm_up(90) == 5
     assert recipes.default_warm_up(4) == pytest.approx(0.4) and recipes.default_warm_up(12) == pytest.approx(1.2)
@@ -65,13 +74,17 @@ def test_cifar_stem_is_a_3x3_stride_1_conv_without_max_pool():
 
 
 def test_train_run_on_cifar_shards_evaluates_on_test_at_32_px(cifar_shards, tmp_path):
+    # The recipe's own lr at -b 16 (0.0125). At 4x that (--lr 0.05) the 12 steps were chaotic: val
+    # top-1 ended anywhere from 17 % to 100 % with the seed, and with the ISA (AVX2 against
+    # AVX-512 rounding); at the recipe's rate every seed tried reached 100 % by epoch 3 on both.
     r = run_cli("train.run", "--shards", cifar_shards, "--arch", "resnet18", "--device", "cpu", "-j", "2",
-                "-b", "16", "--epochs", "4", "--lr", "0.05", "--seed", "3", "--output", tmp_path / "run", timeout=600)
+                "-b", "16", "--epochs", "4", "--seed", "3", "--output", tmp_path / "run", timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "without evaluation" not in r.stderr and "=> recipe cifar: 32 px, crop padded, stem cifar" in r.stdout
+    assert "lr 0.0125 peak" in r.stdout
     acc = [float(a) for a in re.findall(r"\* Acc@1 ([0-9.]+) Acc@5 [0-9.]+  \(val loss [0-9.]+, 18 samples\)",
                                         r.stdout)]
-    assert len(acc) == 4 and acc[-1] >= 50.0, acc  # 6 colour classes: chance is 17 %
+    assert len(acc) == 4 and acc[-1] >= 80.0, acc  # 6 colour classes: chance is 17 %
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pth.tar", weights_only=True)
     assert ckpt["state_dict"]["conv1.weight"].shape == (64, 3, 3, 3)
 
