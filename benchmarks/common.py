@@ -53,6 +53,21 @@ def timed(fn: Callable[[], int], repeats: int = 3, warmup: int = 1) -> dict:
             "seconds": statistics.median(seconds), "items": n, "repeats": repeats}
 
 
+def interleaved(fns: dict, n: int, repeats: int, clock: Callable[[], float] = time.perf_counter) -> dict:
+    """Median items/s of each fn (n items a call), measured in turns so that a shared machine's
+    load hits all alike. `clock`: time.thread_time counts only the CPU time this thread got,
+    which leaves out the time it waited for a core (for single-threaded work)."""
+    for fn in fns.values():
+        fn()
+    rates = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t = clock()
+            fn()
+            rates[k].append(n / (clock() - t))
+    return {k: statistics.median(v) for k, v in rates.items()}
+
+
 def epoch_rate(make_iter, repeats: int) -> dict:
     """Median images/s over full passes of an iterable of (images, labels) batches."""
     def once():

@@ -2,7 +2,8 @@
 
 - ROI JPEG decode of a RandomResizedCrop region (kernels/_jpeg.c) vs Pillow's full decode
   and crop;
-- crop + antialiased resize + flip into a batch slot (numba) vs Pillow's resize with a box;
+- crop + antialiased resize + flip into a batch slot (numba, and each SIMD path of
+  kernels._resize this CPU runs) vs Pillow's resize with a box;
 - shard writing (pipeline/shard_format.py's ShardWriter) vs the standard library's tarfile.
 
     python -m benchmarks.kernels [--images 300]
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     from PIL import Image
 
     from kernels import _jpeg
-    from kernels.resize import resize_crop_into, resize_crop_reference
+    from kernels.resize import SIMD_PATHS, resize_crop_into, resize_crop_reference
     from pipeline.augment import train_params
     from pipeline.decode import dct_denominator
 
@@ -63,17 +64,18 @@ def main(argv: list[str] | None = None) -> int:
     decoded = [np.asarray(Image.open(io.BytesIO(d)).convert("RGB")) for d in datas[:100]]
     out = np.empty((224, 224, 3), np.uint8)
 
-    def resize(fn):
+    def resize(fn, **kw):
         def run():
             for img, box, f in zip(decoded, boxes, flips):
-                fn(img, tuple(box), out, bool(f))
+                fn(img, tuple(box), out, bool(f), **kw)
             return len(decoded)
         return run
 
     ref = timed(resize(resize_crop_reference))["median"]
     rows.append({"name": "crop-resize-flip: Pillow resize(box) + transpose", "img_s": ref, "vs_ref": 1.0})
-    r = timed(resize(resize_crop_into))["median"]
-    rows.append({"name": "crop-resize-flip: ours numba, into the slot", "img_s": r, "vs_ref": r / ref})
+    for path in ("numba",) + SIMD_PATHS:  # benchmarks.resize has them side by side, and vs decode
+        r = timed(resize(resize_crop_into, path=path))["median"]
+        rows.append({"name": f"crop-resize-flip: ours {path}, into the slot", "img_s": r, "vs_ref": r / ref})
 
     from pipeline.shard_format import JPEG_EXT, LABEL_EXT, META_EXT, ShardWriter
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import DEFAULT_CACHE, table, write_json
+from .common import DEFAULT_CACHE, interleaved, table, write_json
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "retina", "hubble_deep_field",
           "stereo_motorcycle")
@@ -66,19 +66,6 @@ def median_rate(fn, n: int, repeats: int) -> float:
         fn()
         rates.append(n / (time.perf_counter() - t))
     return statistics.median(rates)
-
-
-def interleaved(fns: dict, n: int, repeats: int) -> dict:
-    """Median img/s of each fn, measured in turns so that a shared machine's load hits all alike."""
-    for fn in fns.values():
-        fn()
-    rates = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            rates[k].append(n / (time.perf_counter() - t))
-    return {k: statistics.median(v) for k, v in rates.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
