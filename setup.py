@@ -21,9 +21,21 @@ def jpeg_extension() -> Extension:
                      define_macros=[("Py_LIMITED_API", "0x030B0000")] if abi3 else [])
 
 
+def resize_extension() -> Extension:
+    """Crop-resize-flip with AVX2 / AVX-512 paths picked at run time (kernels/_resize.c).
+
+    No -march flag: the SIMD functions carry their own target attributes, so one build runs on
+    every x86-64 machine (and elsewhere with the portable path). Stable ABI as for _jpeg.
+    """
+    abi3 = sys.version_info >= (3, 11)
+    return Extension("kernels._resize", sources=["kernels/_resize.c"], extra_compile_args=["-O3"],
+                     py_limited_api=abi3, define_macros=[("Py_LIMITED_API", "0x030B0000")] if abi3 else [])
+
+
 class OptionalBuildExt(build_ext):
-    """The extension is a fast path, not a requirement: without libjpeg-turbo's headers the
-    install still succeeds and the loader falls back to Pillow (it says so once)."""
+    """The extensions are fast paths, not requirements: without libjpeg-turbo's headers the
+    install still succeeds and the loader falls back to Pillow (it says so once); without
+    kernels._resize the numba resize runs."""
 
     def run(self):
         try:
@@ -47,7 +59,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["convert", "pipeline", "train", "kernels", "benchmarks"]),
-    ext_modules=[jpeg_extension()],
+    ext_modules=[jpeg_extension(), resize_extension()],
     cmdclass={"build_ext": OptionalBuildExt},
     install_requires=[
         "torch>=2.4",

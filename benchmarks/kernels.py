@@ -2,7 +2,8 @@
 
 - ROI JPEG decode of a RandomResizedCrop region (kernels/_jpeg.c) vs Pillow's full decode
   and crop;
-- crop + antialiased resize + flip into a batch slot (numba) vs Pillow's resize with a box;
+- crop + antialiased resize + flip into a batch slot (numba, and each SIMD path of
+  kernels._resize this CPU runs) vs Pillow's resize with a box;
 - shard writing (pipeline/shard_format.py's ShardWriter) vs the standard library's tarfile;
 - normalizing uint8 crops to fp32 (kernels/normalize.py, one op on the batch) vs torchvision's
   ToTensor + Normalize per image and the collate's stack, on one torch thread.
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     from PIL import Image
 
     from kernels import _jpeg
-    from kernels.resize import resize_crop_into, resize_crop_reference
+    from kernels.resize import SIMD_PATHS, resize_crop_into, resize_crop_reference
     from pipeline.augment import train_params
     from pipeline.decode import dct_denominator
 
@@ -76,15 +77,16 @@ def main(argv: list[str] | None = None) -> int:
     decoded = [np.asarray(Image.open(io.BytesIO(d)).convert("RGB")) for d in datas[:100]]
     out = np.empty((224, 224, 3), np.uint8)
 
-    def resize(fn):
+    def resize(fn, **kw):
         def run():
             for img, box, f in zip(decoded, boxes, flips):
-                fn(img, tuple(box), out, bool(f))
+                fn(img, tuple(box), out, bool(f), **kw)
             return len(decoded)
         return run
 
     ref = piece("crop-resize-flip: Pillow resize(box) + transpose", resize(resize_crop_reference))
-    piece("crop-resize-flip: ours numba, into the slot", resize(resize_crop_into), ref)
+    for path in ("numba",) + SIMD_PATHS:  # benchmarks.resize has them side by side, and vs decode
+        piece(f"crop-resize-flip: ours {path}, into the slot", resize(resize_crop_into, path=path), ref)
 
     normalize_rows(decoded, boxes, flips, piece)
 

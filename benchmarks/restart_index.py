@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import imagenet_like, print_machine, table, timed_in_turns, write_json
+from .common import imagenet_like, interleaved, print_machine, table, write_json
 
 def _transcodes(_jpeg, data: bytes) -> bool:
     try:
@@ -31,14 +31,6 @@ def _transcodes(_jpeg, data: bytes) -> bool:
 
 def median_rate(fn, n: int, repeats: int) -> float:
     return interleaved({"fn": fn}, n, repeats)["fn"]
-
-
-def interleaved(fns: dict, n: int, repeats: int) -> dict:
-    """Median img/s of each fn (over n images), measured in turns so that a shared machine's load
-    hits all alike."""
-    def counted(fn):
-        return lambda: (fn(), n)[1]
-    return {k: r["median"] for k, r in timed_in_turns({k: counted(fn) for k, fn in fns.items()}, repeats).items()}
 
 
 def main(argv: list[str] | None = None) -> int:
