@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from .common import interleaved, table, write_json
+from .common import interleaved, print_machine, table, write_json
 
 BASELINE = ("full-noindex", "numba")  # the pre-index kernel
 
@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--resize-images", type=int, default=300, help="images for the resize-alone rows")
     a = p.parse_args(argv)
+    machine = print_machine()
     if min(a.classes, a.per_class, a.repeats, a.resize_images) < 1:
         p.error("--classes, --per-class, --repeats and --resize-images must be >= 1")
 
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                        ("cpu_img_s", "img/s CPU", ".0f"), ("ms", "ms CPU", ".3f"), ("x_numba", "x numba", ".2f"),
                        ("x_preindex", "x pre-index (CPU)", ".2f"), ("x_preindex_wall", "(wall)", ".2f")]))
     path = write_json("resize", {"rows": rows, "images_decode": n, "paths": list(paths), "baseline": list(BASELINE),
-                                 "command": "python -m benchmarks.resize " + " ".join(argv)})
+                                 "command": "python -m benchmarks.resize " + " ".join(argv)}, machine=machine)
     print(f"wrote {path}")
     return 0
 
