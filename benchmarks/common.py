@@ -38,13 +38,15 @@ def imagenet_like(classes: int = 20, per_class: int = 50, size: int = 500, cache
     return generate(cache / f"imagenet_like_{classes}x{per_class}_{size}", cfg, progress=False)
 
 
-def timed(fn: Callable[[], int], repeats: int = 3, warmup: int = 1) -> dict:
-    """Run fn (returning an item count) warmup+repeats times; report the median rate.
+def timed(fn: Callable[[], int], repeats: int = 3, warmup: int = 1,
+          clock: Callable[[], float] = time.perf_counter) -> dict:
+    """Run fn (returning an item count) warmup+repeats times; report the median rate (by `clock`:
+    time.thread_time for the CPU time of single-threaded work, which a busy machine hardly moves).
 
     cpu_rate is items per second of this process's CPU time (all its threads, not its child
     processes): on a machine shared with other jobs, the figure that does not move with their load.
     """
-    return timed_in_turns({"fn": fn}, repeats, warmup)["fn"]
+    return timed_in_turns({"fn": fn}, repeats, warmup, clock=clock)["fn"]
 
 
 def timed_in_turns(fns: dict[str, Callable[[], int]], repeats: int = 3, warmup: int = 1,

@@ -346,3 +346,20 @@ def test_kernels_time_only_what_the_roi_decoder_takes():
     assert roi_decodable([rgb, cmyk, grey]) == [rgb, grey]
     for d in (rgb, grey):
         _jpeg.decode_region(d, 0, 0, 64, 48, 1, np.empty(1 << 16, np.uint8), False)
+
+
+def test_ffcv_reference_corrects_only_a_different_stack():
+    """FFCV's reference is divided by the measured per-sample CPU-rate ratio where the two
+    processes' library versions differ (a slower Pillow there must not flatter FFCV's loaders),
+    and left alone where they are the same (the ratio is then the busy machine's noise)."""
+    from benchmarks.ffcv_compare import ffcv_reference
+
+    stack = {"torch": "2.14.1", "Pillow": "13.0.0", "torch_threads": 2}
+    mine = {"stack": stack, "reference_cpu": 300.0, "reference_cpu_after": 300.0}
+    theirs = {"stack": {**stack, "torch_threads": 1, "opencv_threads": 2}, "reference_cpu": 240.0,
+              "reference": 400.0, "reference_after": 440.0}
+    assert ffcv_reference(mine, theirs) == (420.0, 1.0, 0.8, {})
+    theirs["stack"] = {**theirs["stack"], "Pillow": "11.3.0"}
+    ref, factor, measured, differ = ffcv_reference(mine, theirs)
+    assert (factor, measured, differ) == (0.8, 0.8, {"Pillow": ("13.0.0", "11.3.0")})
+    assert ref == pytest.approx(525.0)  # 420 img/s on a stack 0.8x as fast is 525 on ours
