@@ -108,3 +108,16 @@ def test_the_demo_sizes_its_run_from_the_measured_step(tmp_path, monkeypatch):
     # The timing itself runs the real step.
     cfg = demo.prepare_demo(*parse_args(["--demo", "--epochs", "1", "--device", "cpu"]))[0]
     assert real_measure(cfg, steps=1) > 0
+
+
+def test_the_demo_never_mixes_a_cached_dataset_of_another_config_into_its_own(tmp_path, monkeypatch):
+    from pipeline.shard_format import load_manifest
+    from train import demo
+
+    monkeypatch.setattr(demo, "DEMO_DATA", tmp_path)
+    for classes in (4, 3):  # a cache of a 4-class config, then this demo's 3 classes
+        monkeypatch.setattr(demo, "DATASET", dict(classes=classes, per_class=2, val_per_class=1, size=32))
+        cfg, _ = demo.prepare_demo(*parse_args(["--demo", "--epochs", "1", "--device", "cpu"]))
+        manifest = load_manifest(cfg.shards)
+        assert len(manifest["classes"]) == classes
+        assert sum(s["samples"] for s in manifest["splits"]["train"]["shards"]) == classes * 2
