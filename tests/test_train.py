@@ -270,7 +270,8 @@ def test_kill_and_resume_gives_bitwise_identical_losses(small_shards, tmp_path):
 
 
 def test_torchrun_two_ranks_train_and_evaluate_like_one(small_shards, tmp_path):
-    common = ["--shards", str(small_shards), *BASE, "-b", "16", "--lr", "0.02", "-p", "2"]
+    common = ["--shards", str(small_shards), *BASE, "--image-size", "32", "--stem", "imagenet", "-b", "16",
+              "--lr", "0.02", "-p", "2"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29731",
                           "-m", "train.run", *common, "--epochs", "1", "--output", str(tmp_path / "ddp")],
