@@ -392,3 +392,21 @@ def test_slowdown_flags_validate(capsys, args, needle):
     from benchmarks.slowdown import main
 
     assert needle in _flag_error(capsys, main, args)
+
+
+@pytest.mark.parametrize("args,needle", [(["--repeats", "0"], "--repeats"), (["--slow", "1.5"], "--slow"),
+                                         (["--cap", "sse2"], "--cap")])
+def test_demo_benchmark_flags_validate(capsys, args, needle):
+    from benchmarks.demo import main
+
+    assert needle in _flag_error(capsys, main, args)
+
+
+def test_demo_benchmark_counts_the_machines_other_load():
+    """The CPU time of a busy loop in another process shows up as the machine's, not the demo's."""
+    from benchmarks.demo import busy_cpu_seconds
+
+    before = busy_cpu_seconds()
+    loop = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass"
+    subprocess.run([sys.executable, "-c", loop], check=True)
+    assert busy_cpu_seconds() - before >= 0.25

@@ -3,10 +3,11 @@
 Times the training step once on random data, generates the learnable synthetic dataset (cached),
 converts it to shards (cached), and trains a ResNet-18 at 48 px for as many epochs as fit about
 45 s (at least one, at most eight), evaluating once at the end. The floor is sized for a 2-core
-AVX2 CPU whose step runs at about 25 img/s: one epoch of a small task (5 classes, 1,200 training
-images) learns it to 84-91 % top-1 there, and the whole demo takes about 70 s. A faster machine
-trains more epochs of the same task. Flags given on the command line override the demo's choices
-(an explicit --epochs skips the timing).
+AVX2 CPU whose step runs at about 30 img/s: one epoch of a small task (5 classes, 1,200 training
+images) learns it to 84-91 % top-1 in fp32, and the whole demo took 74 s on a machine slowed to
+that rate (README, "The demo's minute"). A faster machine trains more epochs of the same task.
+Flags given on the command line override the demo's choices (an explicit --epochs skips the
+timing).
 """
 from __future__ import annotations
 
