@@ -97,10 +97,11 @@ def epoch_rate(make_iter, repeats: int) -> dict:
     return timed(once, repeats=repeats, warmup=1)
 
 
-def print_machine(device: str | None = None) -> dict:
+def print_machine(device: str | None = None, environ: dict | None = None) -> dict:
     """Describe this machine (`benchmarks.machine.describe`) and print its header line: the first
-    thing every benchmark prints. Pass the result to write_json, so the JSON names the same machine."""
-    info = describe(device)
+    thing every benchmark prints. Pass the result to write_json, so the JSON names the same machine.
+    `environ`: the environment the measured processes run under, where it sets caps of its own."""
+    info = describe(device, environ=environ)
     print(header(info), flush=True)
     return info
 

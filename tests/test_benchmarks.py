@@ -363,3 +363,50 @@ def test_ffcv_reference_corrects_only_a_different_stack():
     ref, factor, measured, differ = ffcv_reference(mine, theirs)
     assert (factor, measured, differ) == (0.8, 0.8, {"Pillow": ("13.0.0", "11.3.0")})
     assert ref == pytest.approx(525.0)  # 420 img/s on a stack 0.8x as fast is 525 on ours
+
+
+def test_slowdown_runs_a_command_for_its_share_of_the_time(tmp_path):
+    """The command gets at most its share of wall time (stopped the rest: a CPU-bound loop gets
+    CPU time at most that share of its wall time, whatever else the machine runs), its children
+    too, and its exit status comes back."""
+    from benchmarks.slowdown import main
+
+    busy = ("import os, time\n"
+            "w, c = time.perf_counter(), time.process_time()\n"
+            "while time.process_time() - c < 0.4: pass\n"
+            "print((time.process_time() - c) / (time.perf_counter() - w))\n"
+            "raise SystemExit(3)\n")
+    script = tmp_path / "busy.py"
+    script.write_text(busy)
+    out = tmp_path / "share.txt"
+    wrapper = f"import subprocess, sys; r = subprocess.run([sys.executable, {str(script)!r}], " \
+              f"capture_output=True, text=True); open({str(out)!r}, 'w').write(r.stdout); sys.exit(r.returncode)"
+    assert main(["--share", "0.25", "--period", "0.02", "--", sys.executable, "-c", wrapper]) == 3
+    assert float(out.read_text()) < 0.4  # 0.25 and the stop/start jitter; unthrottled it is about 1
+
+
+@pytest.mark.parametrize("args,needle", [(["--share", "0", "--", "true"], "--share"),
+                                         (["--share", "0.5", "--period", "0", "--", "true"], "--period"),
+                                         (["--share", "0.5"], "no command")])
+def test_slowdown_flags_validate(capsys, args, needle):
+    from benchmarks.slowdown import main
+
+    assert needle in _flag_error(capsys, main, args)
+
+
+@pytest.mark.parametrize("args,needle", [(["--repeats", "0"], "--repeats"), (["--slow", "1.5"], "--slow"),
+                                         (["--cap", "sse2"], "--cap")])
+def test_demo_benchmark_flags_validate(capsys, args, needle):
+    from benchmarks.demo import main
+
+    assert needle in _flag_error(capsys, main, args)
+
+
+def test_demo_benchmark_counts_the_machines_other_load():
+    """The CPU time of a busy loop in another process shows up as the machine's, not the demo's."""
+    from benchmarks.demo import busy_cpu_seconds
+
+    before = busy_cpu_seconds()
+    loop = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass"
+    subprocess.run([sys.executable, "-c", loop], check=True)
+    assert busy_cpu_seconds() - before >= 0.25

@@ -25,8 +25,9 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="re
 # 60 train samples, 4 per rank and 2 ranks: 7 steps an epoch, 14 in all; checkpoints at steps 3, 6,
 # 9 and 12 (mid-epoch) and 7 and 14 (epoch ends). Every step logs its loss.
 SAVE_EVERY = 3
-ARGS = ["--arch", "resnet18", "--image-size", "32", "--device", "cpu", "-j", "1", "-b", "4", "--epochs", "2",
-        "--lr", "0.02", "--warm-up-epochs", "0", "-p", "1", "--seed", "7", "--save-every", str(SAVE_EVERY)]
+ARGS = ["--arch", "resnet18", "--image-size", "32", "--stem", "imagenet", "--device", "cpu", "-j", "1", "-b", "4",
+        "--epochs", "2", "--lr", "0.02", "--warm-up-epochs", "0", "-p", "1", "--seed", "7",
+        "--save-every", str(SAVE_EVERY)]
 # A store of its own for each group torchrun starts: a restarted group that shares the dead one's
 # store can read its addresses and hang in init (pytorch/pytorch#135712; train.run warns).
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")

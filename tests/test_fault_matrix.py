@@ -71,9 +71,9 @@ CONVERT_FLAGS = ["--shard-size-mb", str(SHARD_MB), "--workers", "1", "--no-progr
 # The tiny dataset's plan (18 train samples, 2 a batch: 9 steps an epoch) with the synthetic
 # backend's batches: the faults here are in the run folder, and decoding would only add time. No
 # momentum: a checkpoint without momentum buffers is half the size (45 MB), each transfer half as long.
-TRAIN_FLAGS = ["--arch", "resnet18", "--image-size", "32", "--device", "cpu", "--backend", "synthetic", "-b", "2",
-               "--epochs", "2", "--lr", "0.02", "--warm-up-epochs", "0", "-p", "1", "--seed", "7", "--momentum", "0",
-               "--resume", "auto"]
+TRAIN_FLAGS = ["--arch", "resnet18", "--image-size", "32", "--stem", "imagenet", "--device", "cpu",
+               "--backend", "synthetic", "-b", "2", "--epochs", "2", "--lr", "0.02", "--warm-up-epochs", "0", "-p", "1",
+               "--seed", "7", "--momentum", "0", "--resume", "auto"]
 NEWEST, PREVIOUS = checkpoint.NEWEST, checkpoint.PREVIOUS
 USER_FILE, USER_BYTES = "notes.txt", b"the user's own file, kept beside the staged shards\n"
 # A full disk, here: the process may write files of at most this size. Shards are at least 10 KB

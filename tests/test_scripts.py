@@ -12,8 +12,8 @@ import pytest
 
 from conftest import ROOT
 
-TINY = ["--device=cpu", "--arch", "resnet18", "--image-size", "32", "--epochs", "1", "--workers", "1",
-        "--print-freq", "2", "--loss-scale", "dynamic"]
+TINY = ["--device=cpu", "--arch", "resnet18", "--image-size", "32", "--stem", "imagenet", "--epochs", "1",
+        "--workers", "1", "--print-freq", "2", "--loss-scale", "dynamic"]
 
 
 def run_script(name: str, *args, env_extra=None, timeout=600):

@@ -17,6 +17,7 @@ import torch
 from conftest import ROOT, run_cli
 from convert.imagenet_to_shards import convert
 from convert.synthetic import SyntheticConfig, generate
+from train.devices import Device
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +54,14 @@ def val_results(text: str) -> list[tuple[float, float, float, int]]:
 
 
 def test_resnet18_learns_far_above_chance(small_shards, tmp_path):
-    r = run_cli("train.run", "--shards", small_shards, *BASE, "-b", "32", "--epochs", "6", "--lr", "0.05",
+    # 4 epochs ended at 85.0 and 88.8 % top-1 with seeds 7 and 8 (6 epochs were run before).
+    r = run_cli("train.run", "--shards", small_shards, *BASE, "-b", "32", "--epochs", "4", "--lr", "0.05",
                 "--warm-up-epochs", "1", "--output", tmp_path / "run", "-p", "5", timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     acc = accuracies(r.stdout)
-    assert len(acc) == 6
+    assert len(acc) == 4
     assert acc[-1] >= 50.0, acc  # chance is 25 %
-    assert "* FPS@all" in r.stdout and "| DEVICE" in r.stdout and "Epoch: [5][" in r.stdout
+    assert "* FPS@all" in r.stdout and "| DEVICE" in r.stdout and "Epoch: [3][" in r.stdout
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["optimizer_impl"] == "SGD(fused=True)" and cfg["code_version"] and cfg["steps_per_epoch"] == 10
     for name in ("checkpoint.pth.tar", "model_best.pth.tar", "train.log", "metrics.jsonl"):
@@ -164,10 +166,11 @@ def test_fused_sgd_falls_back_to_foreach_where_torch_refuses_it():
     (["--amp", "--opt-level", "O1", "--amp-dtype", "fp16"], None),  # the scale is used: no notice
 ])
 def test_loss_scale_without_effect_is_logged_once(tmp_path, amp, notice):
-    r = run_cli("train.run", "--synthetic", "--arch", "resnet18", "--image-size", "32", "--device", "cpu", "-j", "1",
-                "-b", "4", "--epochs", "1", "--max-steps", "1", "--loss-scale", "1024", *amp,
-                "--output", tmp_path / "run", timeout=300)
+    r = run_cli("train.run", "--synthetic", "--arch", "resnet18", "--image-size", "32", "--stem", "imagenet",
+                "--device", "cpu", "-j", "1", "-b", "4", "--epochs", "1", "--max-steps", "1", "--loss-scale", "1024",
+                *amp, "--output", tmp_path / "run", timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert "no bf16 kernels" not in r.stdout or not Device("cpu").has_fast_bf16()
     lines = [x for x in r.stdout.splitlines() if "--loss-scale" in x]
     if notice is None:
         assert lines == [], lines
@@ -239,8 +242,10 @@ def _run_until(cmd, env, until, timeout=300):
 
 
 def test_kill_and_resume_gives_bitwise_identical_losses(small_shards, tmp_path):
-    args = ["-m", "train.run", "--shards", str(small_shards), *BASE, "-b", "16", "--epochs", "2", "--lr", "0.02",
-            "-p", "1", "--save-every", "4"]
+    # 32 px with the ImageNet stem (the CIFAR stem, 32 px's default, costs 16x the compute) and
+    # batch 32: 10 steps an epoch, 20 in all, checkpoints every 3 (mid-epoch).
+    args = ["-m", "train.run", "--shards", str(small_shards), *BASE, "--image-size", "32", "--stem", "imagenet",
+            "-b", "32", "--epochs", "2", "--lr", "0.02", "-p", "1", "--save-every", "3"]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     ref = subprocess.run([sys.executable, *args, "--output", str(tmp_path / "ref")], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
@@ -249,23 +254,24 @@ def test_kill_and_resume_gives_bitwise_identical_losses(small_shards, tmp_path):
     ckpt = out / "checkpoint.pth.tar"
 
     def saved_twice():
-        return ckpt.exists() and len(losses(out)) >= 9 if (out / "metrics.jsonl").exists() else False
+        return ckpt.exists() and len(losses(out)) >= 7 if (out / "metrics.jsonl").exists() else False
 
     proc = _run_until([sys.executable, *args, "--output", str(out)], env, saved_twice)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     state = torch.load(ckpt, weights_only=True)
-    assert 0 < state["step"] < 40 and state["loader"]["batch"] > 0, "killed mid-epoch after a checkpoint"
+    assert 0 < state["step"] < 20 and state["loader"]["batch"] > 0, "killed mid-epoch after a checkpoint"
     resumed = subprocess.run([sys.executable, *args, "--output", str(out), "--resume", str(ckpt)], cwd=ROOT,
                              env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = losses(tmp_path / "ref"), losses(out)
-    assert sorted(a) == sorted(b) and len(a) == 40
+    assert sorted(a) == sorted(b) and len(a) == 20
     assert all(a[s] == b[s] for s in a), [(s, a[s], b[s]) for s in a if a[s] != b[s]][:5]
 
 
 def test_torchrun_two_ranks_train_and_evaluate_like_one(small_shards, tmp_path):
-    common = ["--shards", str(small_shards), *BASE, "-b", "16", "--lr", "0.02", "-p", "2"]
+    common = ["--shards", str(small_shards), *BASE, "--image-size", "32", "--stem", "imagenet", "-b", "16",
+              "--lr", "0.02", "-p", "2"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29731",
                           "-m", "train.run", *common, "--epochs", "1", "--output", str(tmp_path / "ddp")],
@@ -292,6 +298,19 @@ def test_torchrun_two_ranks_train_and_evaluate_like_one(small_shards, tmp_path):
     assert abs(trained[2] - evaluated[2]) <= 1e-4 + 1e-9, (trained, evaluated)
 
 
+@pytest.mark.skipif("avx2" not in open("/proc/cpuinfo").read(), reason="the cap needs a CPU with AVX2")
+def test_amp_on_a_cpu_without_bf16_kernels_says_it_is_slow(tmp_path):
+    """Under an AVX2 cap oneDNN has no bf16 kernels: --amp still runs (the user asked for it),
+    and says once that fp32 would be faster."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    r = subprocess.run([sys.executable, "-m", "train.run", "--synthetic", "--arch", "resnet18", "--image-size", "32",
+                        "--stem", "imagenet", "--device", "cpu", "-j", "1", "-b", "2", "--epochs", "1", "--max-steps",
+                        "1", "--amp", "--output", str(tmp_path / "run")], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("no bf16 kernels") == 1 and "(bfloat16)" in r.stdout, r.stdout[-2000:]
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--shards", "x", "--bogus-flag"], "--bogus-flag"),
     (["--shards", "x", "--synthetic", "--backend", "cpu"], "--synthetic"),
@@ -302,12 +321,15 @@ def test_torchrun_two_ranks_train_and_evaluate_like_one(small_shards, tmp_path):
     (["--shards", "x", "-b", "0"], "--batch-size"),
     (["--shards", "x", "--device", "tpu"], "--device"),
 ])
-def test_bad_flags_exit_with_one_line(args, needle):
-    r = run_cli("train.run", *args, "--device" if "--device" not in args else "--seed",
-                "cpu" if "--device" not in args else "1", timeout=120)
-    assert r.returncode == 2, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0], r.stderr
+def test_bad_flags_exit_with_one_line(args, needle, capsys):
+    # main() is what `python -m train.run` exits with; in this process it costs no interpreter and
+    # torch import per case. The two tests below run the command itself (exit 2, one line).
+    from train.run import main
+
+    assert main([*args, *(["--device", "cpu"] if "--device" not in args else ["--seed", "1"])]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], err
 
 
 def test_missing_shards_directory_is_a_clear_error(tmp_path):

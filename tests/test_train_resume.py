@@ -8,8 +8,8 @@ import pytest
 from conftest import run_cli
 from test_train import losses
 
-ARGS = ["--arch", "resnet18", "--image-size", "32", "--device", "cpu", "-j", "2", "-b", "8", "--epochs", "2",
-        "--lr", "0.02", "--warm-up-epochs", "0", "-p", "1", "--seed", "7"]
+ARGS = ["--arch", "resnet18", "--image-size", "32", "--stem", "imagenet", "--device", "cpu", "-j", "2", "-b", "8",
+        "--epochs", "2", "--lr", "0.02", "--warm-up-epochs", "0", "-p", "1", "--seed", "7"]
 
 
 @pytest.mark.parametrize("backend", ["cpu", "nvjpeg", "dali"])

@@ -219,6 +219,9 @@ def train(cfg: TrainConfig, spawn_index: int | None = None) -> dict:
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp_dtype) or \
         (torch.bfloat16 if device.supports_bf16() else torch.float16)
     opt_level = cfg.opt_level if cfg.amp else "O0"
+    if opt_level != "O0" and amp_dtype == torch.bfloat16 and device.kind == "cpu" and not device.has_fast_bf16():
+        log.info("=> --amp: this CPU has no bf16 kernels (they need AVX-512), so torch emulates bf16, "
+                 "several times slower than fp32; leave out --amp for speed")
     precision = Precision(opt_level, amp_dtype, cfg.loss_scale, device.kind)
     train_loader, val_loader = build_loaders(cfg, device, info, precision.input_dtype)
     model, optimizer, opt_name = build(cfg.arch, num_classes(train_loader), device, precision, cfg.lr, cfg.momentum,
