@@ -235,14 +235,24 @@ def copy(src: str, dst: str) -> None:
     _retrying(f"copy to {redact(dst)}", src, lambda: filesystem(src).copy(_path(src), _path(dst)))
 
 
-def get_file(url: str, local_path: str | os.PathLike) -> None:
-    """Download the object to `local_path`, atomically (a partial download never has its name)."""
+def get_file(url: str, local_path: str | os.PathLike, check=None) -> None:
+    """Download the object to `local_path`, atomically (a partial download never has its name).
+    `check(tmp_path)`, if given, runs on the whole download before it takes the name; what it raises
+    is retried if `is_transient` says so, else raised as an ObjectStoreError naming the URL, and the
+    download is deleted."""
     local_path = os.fspath(local_path)
     tmp = os.path.join(os.path.dirname(local_path) or ".", f".{os.path.basename(local_path)}.partial")
 
     def download():
         try:
             filesystem(url).get_file(_path(url), tmp)
+        except OSError as e:
+            if e.errno in LOCAL_WRITE_ERRNOS:
+                raise local_write_error(e, local_path) from None
+            raise
+        if check is not None:
+            check(tmp)
+        try:
             os.replace(tmp, local_path)
         except OSError as e:
             if e.errno in LOCAL_WRITE_ERRNOS:

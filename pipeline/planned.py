@@ -203,7 +203,12 @@ class PlannedLoader(ResumableLoader):
         """Start an iteration: (epoch, batches, shard order, first batch). An iteration starts
         where `load_state_dict` pointed, else at the epoch's first batch."""
         batches, shard_order = self._plan(self.epoch)
-        return self.epoch, batches, shard_order, self._start()
+        start = self._start()
+        if self.table.cache is not None:  # fill the node-local cache in the order the plan reads
+            from .shard_cache import shard_order as first_need
+
+            self.table.cache.follow(first_need(self.table.shard, batches[start:]))
+        return self.epoch, batches, shard_order, start
 
     def __del__(self):
         if sys.is_finalizing():

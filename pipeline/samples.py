@@ -93,6 +93,8 @@ class SampleReader:
         """Unmap every shard. A reader thread that never finished its batch (one abandoned at
         interpreter exit, say) may hold the lock: then the maps are left to the garbage collector
         rather than waited for forever."""
+        if self.table.cache is not None:
+            self.table.cache.stop()  # the loader's process: its cache filler
         if not self._lock.acquire(timeout=timeout):
             return
         try:
@@ -103,17 +105,58 @@ class SampleReader:
 
     def fetch(self, ids) -> dict[int, tuple[bytes, int]]:
         """Bytes and labels of samples `ids` of an object store table, read by range requests
-        (concurrent, nearby ranges merged), as a `raw` dict."""
+        (concurrent, nearby ranges merged), as a `raw` dict; samples of shards in the node-local
+        cache are copied from it instead."""
         t = self.table
         # An index entry past its shard's end is damage, not a range to ask for: left out here, it
         # is reported as a CorruptSample by `bytes`, as on a local copy.
-        rows = np.asarray([sid for sid in ids if t.past_end(sid) is None], np.int64)
-        starts = t.offset[rows]
+        rows = [int(sid) for sid in ids if t.past_end(sid) is None]
+        out = {}
+        if t.cache is not None:
+            remote = []
+            for sid in rows:
+                mm = self._cached_map(int(t.shard[sid]))
+                if mm is None:
+                    remote.append(sid)
+                else:
+                    off = int(t.offset[sid])
+                    out[sid] = (bytes(mm[off:off + int(t.size[sid])]), int(t.label[sid]))
+            rows = remote
+        rows = np.asarray(rows, np.int64)
+        if len(rows):
+            starts = t.offset[rows]
+            try:
+                blobs = objstore.read_ranges([t.urls[s] for s in t.shard[rows]], starts, starts + t.size[rows])
+            except objstore.ObjectStoreError as e:
+                raise ShardError(f"shard {e}") from None
+            out.update({int(sid): (b, int(t.label[sid])) for sid, b in zip(rows.tolist(), blobs)})
+        return out
+
+    def _cached_map(self, s: int) -> mmap.mmap | None:
+        """The node-local cached copy of shard `s`, mapped; None while it is not cached (with the
+        cache's `wait`, only once its download failed or found no room)."""
+        cache = self.table.cache
+        with self._lock:
+            mm = self._maps.get(s)
+            if mm is not None:
+                self._maps.move_to_end(s)
+                return mm
+        path = cache.local(s)
+        if path is None and cache.wait and cache.ensure(s, block=True):
+            path = cache.local(s)
+        if path is None:
+            return None
         try:
-            blobs = objstore.read_ranges([t.urls[s] for s in t.shard[rows]], starts, starts + t.size[rows])
-        except objstore.ObjectStoreError as e:
-            raise ShardError(f"shard {e}") from None
-        return {int(sid): (b, int(t.label[sid])) for sid, b in zip(rows.tolist(), blobs)}
+            with open(path, "rb") as f:
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):
+            return None  # evicted since: read by range
+        cache.touch(s)
+        with self._lock:
+            self._maps[s] = mm
+            while len(self._maps) > self.max_open:
+                _release(self._maps.popitem(last=False)[1])
+        return mm
 
     def bytes(self, sid: int, raw: dict | None = None):
         """The image member of sample `sid`: a view of its mapped shard, or from `raw` (streamed),
