@@ -94,6 +94,9 @@ class LoaderConfig:
     cache_dir: str | None = None
     cache_limit: int | None = None
     cache_fill: str = "ranged"
+    # Train, random-access shards: 0 is a full permutation per epoch; k > 0 keeps each stretch of
+    # the epoch within blocks of k shards (plan.block_permutation), for a cache smaller than the data.
+    block_shuffle: int = 0
     # Object storage without a cached copy: batches whose ranges a worker fetches while it decodes.
     fetch_ahead: int = 2
     max_open_shards: int = 64  # shard files each process keeps mapped (an LRU): bounds open descriptors

@@ -36,6 +36,9 @@ MAX_BACKOFF_S = 10.0
 # then costs a request or two, not one per sample); farther ones go concurrently.
 MERGE_GAP = 16 << 10
 MAX_MERGED = 32 << 20
+# Concurrent connections of one process's S3 client (botocore's default, 10, would let a batch's
+# range requests through ten at a time: ten round trips per 100 ranges).
+S3_CONNECTIONS = 128
 
 # What s3fs maps a malformed request to (a bad range, a too long name); retrying cannot help.
 _PERMANENT_ERRNOS = (errno.EINVAL, errno.ENAMETOOLONG, errno.EMSGSIZE)
@@ -101,6 +104,7 @@ def filesystem(url: str):
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         if endpoint:
             options["endpoint_url"] = endpoint
+        options["config_kwargs"] = {"max_pool_connections": S3_CONNECTIONS}
     return fsspec.filesystem(scheme, **options)
 
 

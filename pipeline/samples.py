@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import mmap
+import os
 import threading
 from collections import OrderedDict
 
@@ -74,11 +75,12 @@ class SampleReader:
         self.table = table
         self.max_open = max_open
         self._maps: OrderedDict[int, mmap.mmap] = OrderedDict()
+        self._inodes: dict[int, int] = {}  # a cached shard's inode when it was mapped
         self._lock = threading.Lock()
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_maps"], state["_lock"] = OrderedDict(), None
+        state["_maps"], state["_lock"], state["_inodes"] = OrderedDict(), None, {}
         return state
 
     def __setstate__(self, state):
@@ -114,8 +116,9 @@ class SampleReader:
         out = {}
         if t.cache is not None:
             remote = []
+            maps = {s: self._cached_map(s) for s in dict.fromkeys(int(t.shard[sid]) for sid in rows)}
             for sid in rows:
-                mm = self._cached_map(int(t.shard[sid]))
+                mm = maps[int(t.shard[sid])]
                 if mm is None:
                     remote.append(sid)
                 else:
@@ -139,8 +142,11 @@ class SampleReader:
         with self._lock:
             mm = self._maps.get(s)
             if mm is not None:
-                self._maps.move_to_end(s)
-                return mm
+                # Evicted (or replaced) since it was mapped: let it go, so its disk space is freed.
+                if _inode(cache.path(s)) == self._inodes.get(s):
+                    self._maps.move_to_end(s)
+                    return mm
+                _release(self._maps.pop(s))
         path = cache.local(s)
         if path is None and cache.wait and cache.ensure(s, block=True):
             path = cache.local(s)
@@ -149,11 +155,13 @@ class SampleReader:
         try:
             with open(path, "rb") as f:
                 mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                inode = os.fstat(f.fileno()).st_ino
         except (OSError, ValueError):
             return None  # evicted since: read by range
         cache.touch(s)
         with self._lock:
             self._maps[s] = mm
+            self._inodes[s] = inode
             while len(self._maps) > self.max_open:
                 _release(self._maps.popitem(last=False)[1])
         return mm
@@ -207,6 +215,13 @@ class SampleReader:
             except CorruptSample as e:
                 bad[sid] = str(e)
         return data, sizes, bad
+
+
+def _inode(path) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
 
 
 def _release(mm: mmap.mmap) -> None:

@@ -34,7 +34,6 @@ import os
 import re
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +47,10 @@ PREFIX = "shard-"
 # Every name the cache creates, and so the only names it ever deletes.
 OWN_NAME = re.compile(r"^\.?shard-[0-9a-f]{24}\.(tar|ok|lock|tar\.partial|ok\.partial|reserve)$")
 DIR_LOCK = "cache.lock"  # held while room is made, so two processes do not both evict for one slot
+
+
+# What `ShardCache.fill` did.
+CACHED, BUSY, NO_ROOM, FAILED = "cached", "busy", "no room", "failed"
 
 
 class ShardMismatch(ValueError):
@@ -98,11 +101,11 @@ class ShardCache:
         state["_filler"] = None  # the filler's threads stay in the loader's process
         return state
 
-    def follow(self, shard_ids) -> None:
-        """Fill the cache with shards `shard_ids` (the plan's, in order of first need) from
-        background threads, replacing any earlier fill; they are kept from eviction meanwhile."""
+    def follow(self, batch_shards, position=None) -> None:
+        """Fill the cache from background threads with the shards a plan reads (`batch_shards[j]`:
+        batch j's), in the order of their first need, replacing any earlier fill (see CacheFiller)."""
         self.stop()
-        self._filler = CacheFiller(self, shard_ids)
+        self._filler = CacheFiller(self, batch_shards, position)
 
     def stop(self) -> None:
         """Stop filling (a download under way finishes; none starts)."""
@@ -160,34 +163,40 @@ class ShardCache:
         return total
 
     # -- filling ----------------------------------------------------------------------------------
-    def ensure(self, s: int, keep=(), block: bool = False) -> bool:
+    def ensure(self, s: int, keep=None, block: bool = False) -> bool:
         """Make shard `s` cached: download it unless it is there and verified. Returns whether it
         is cached now. Another process downloading it: False at once, or, with `block`, wait for it.
-        To make room, evicts least recently used shards, never one in `keep` (shard ids of this
-        table); without room, it does not download. A failed download is logged, never raised."""
+        To make room, evicts least recently used shards, but none of `keep` (shard ids of this
+        table; None: evicts nothing); without room, it does not download. A failed download is
+        logged, never raised."""
+        return self.fill(s, keep, block) == CACHED
+
+    def fill(self, s: int, keep=None, block: bool = False) -> str:
+        """`ensure`, saying what happened: CACHED, BUSY (another process holds the shard), NO_ROOM
+        or FAILED (the download failed, or the shard is not the manifest's)."""
         if self._stamp_matches(s):
             self.touch(s)
-            return True
+            return CACHED
         with self._locked(s, block=block) as held:
             if not held:
-                return False
+                return BUSY
             if self.path(s).exists() and self._verify_in_place(s):
                 self.touch(s)
-                return True
+                return CACHED
             if not self._make_room(s, keep):
-                return False
+                return NO_ROOM
             try:
                 objstore.get_file(self.urls[s], self.path(s), check=lambda tmp: self._check(s, tmp, fsync=True))
             except (objstore.ObjectStoreError, OSError) as e:
                 # The bucket holds the record: a fetch that failed changes nothing here.
                 log.warning("cache: shard %s not cached (%s); its samples are read by range requests",
                             self.urls[s], objstore.describe(e))
-                return False
+                return FAILED
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     self._reservation(s).unlink()
             self._write_stamp(s)
-            return True
+            return CACHED
 
     # -- checks -----------------------------------------------------------------------------------
     def _check(self, s: int, path, fsync: bool = False) -> None:
@@ -247,7 +256,7 @@ class ShardCache:
         need = self.sizes[s]
         if need > self.limit:
             return False
-        kept = {self.name(k) for k in keep}
+        kept = None if keep is None else {self.name(k) for k in keep}
         with self._dir_lock():
             entries, reserved = [], 0
             for entry in self._own_entries():
@@ -261,7 +270,7 @@ class ShardCache:
             for _, name, size in sorted(entries):
                 if used + need <= self.limit:
                     break
-                if name in kept or not self._evict(name):
+                if kept is None or name in kept or not self._evict(name):
                     continue
                 used -= size
             if used + need > self.limit:
@@ -360,40 +369,70 @@ class ShardCache:
 
 
 class CacheFiller:
-    """Downloads shards into a cache in the order given, `threads` at a time, from this process."""
+    """Downloads the shards a plan reads into a cache, in the order of their first need, `threads`
+    at a time, from this process. `batch_shards[j]` holds the shards batch j (counted from the
+    iteration's start) reads; `position()`, the batches the loader has yielded so far.
 
-    def __init__(self, cache: ShardCache, shard_ids, threads: int = 4):
-        self.order = list(dict.fromkeys(int(s) for s in shard_ids))
-        self.keep = frozenset(self.order)
+    Under a limit, shard s (needed from batch f to batch l) may take the room of a cached shard only
+    if that one is not needed again before batch l: a full permutation, which needs every shard
+    in every stretch, then fills the cache once and holds it (no thrashing: the rest is read by
+    range), while a block shuffle's next block replaces the blocks done with. A shard that finds no
+    room waits until the plan has moved on, or is dropped once the plan has passed it."""
+
+    POLL_S = 0.02
+
+    def __init__(self, cache: ShardCache, batch_shards, position=None, threads: int = 4):
+        self.needs = need_batches(batch_shards)
+        self.order = list(self.needs)
         self.cache = cache
+        self.position = position or (lambda: 0)
+        self._next = iter(self.order)
+        self._lock = threading.Lock()
         self._stopped = threading.Event()
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="shard-cache")
-        self.futures = [self._pool.submit(self._one, s) for s in self.order]
-        self._pool.shutdown(wait=False)
+        self.threads = [threading.Thread(target=self._run, name=f"shard-cache-{i}", daemon=True)
+                        for i in range(min(threads, len(self.order)))]
+        for t in self.threads:
+            t.start()
 
-    def _one(self, s: int) -> bool:
-        if self._stopped.is_set():
-            return False
-        return self.cache.ensure(s, keep=self.keep)
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            with self._lock:
+                s = next(self._next, None)
+            if s is None:
+                return
+            while not self._stopped.is_set():
+                pos = self.position()
+                last = int(self.needs[s][-1])
+                if last < pos:
+                    break  # the plan has passed it
+                if self.cache.fill(s, keep=self.needed_by(pos, last)) != NO_ROOM:
+                    break
+                self._stopped.wait(self.POLL_S)
+
+    def needed_by(self, pos: int, last: int) -> set[int]:
+        """The shards the plan reads in batches pos..last."""
+        keep = set()
+        for t, batches in self.needs.items():
+            k = int(np.searchsorted(batches, pos))
+            if k < len(batches) and batches[k] <= last:
+                keep.add(t)
+        return keep
 
     def stop(self) -> None:
         self._stopped.set()
-        for f in self.futures:
-            f.cancel()
 
     def wait(self, timeout: float | None = None) -> None:
-        """Until every download has finished (tests and benchmarks)."""
+        """Until every thread has finished (tests and benchmarks)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        for f in self.futures:
-            if not f.cancelled():
-                f.exception(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        for t in self.threads:
+            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
 
-def shard_order(table_shard, batches) -> list[int]:
-    """Shards of `batches` (lists of sample ids; `table_shard` maps an id to its shard), in order of first need."""
-    if not batches:
-        return []
-    ids = np.concatenate([np.asarray(b, np.int64) for b in batches])
-    shards = np.asarray(table_shard)[ids]
-    _, first = np.unique(shards, return_index=True)
-    return shards[np.sort(first)].astype(int).tolist()
+def need_batches(batch_shards) -> dict[int, np.ndarray]:
+    """{shard: the batches that read it, ascending} of a plan (`batch_shards[j]`: the shards batch j
+    reads), in the order of first need."""
+    needs: dict[int, list[int]] = {}
+    for j, shards in enumerate(batch_shards):
+        for s in dict.fromkeys(np.asarray(shards).tolist()):
+            needs.setdefault(s, []).append(j)
+    return {s: np.asarray(b, np.int64) for s, b in needs.items()}

@@ -12,12 +12,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from conftest import collect, new_bucket, rewrite_shard, upload_folder
+from conftest import assert_resumes_exactly, collect, new_bucket, rewrite_shard, upload_folder
 from pipeline import create_loader
-from pipeline.shard_cache import OWN_NAME, ShardCache, parse_size, shard_order
+from pipeline.shard_cache import OWN_NAME, ShardCache, need_batches, parse_size
 from pipeline.shard_format import load_manifest
 from pipeline.source import open_split
 
@@ -59,8 +60,9 @@ def test_parse_size():
         parse_size("12 parsecs")
 
 
-def test_shard_order_is_the_plans_order_of_first_need():
-    assert shard_order([0, 0, 1, 1, 2, 2], [[5, 0], [2, 4, 1], [3]]) == [2, 0, 1]
+def test_need_batches_follow_the_plans_order_of_first_need():
+    needs = need_batches([[2, 0, 2], [1, 2, 0], [1]])
+    assert list(needs) == [2, 0, 1] and {s: b.tolist() for s, b in needs.items()} == {2: [0, 1], 0: [0, 1], 1: [1, 2]}
 
 
 def test_epoch_one_fills_the_cache_and_later_epochs_make_no_request(s3_proxy, bucket, colour_shards, tmp_path):
@@ -287,3 +289,83 @@ def test_train_run_with_a_cache_dir(s3_proxy, bucket, colour_shards, tmp_path):
     shards = len(m["train"]["shards"]) + len(m["val"]["shards"])
     whole = [q.key for q in s3_proxy.gets(TAR, ranged=False)]
     assert len(whole) == len(set(whole)) == shards == len(cached_files(cache_dir))
+
+
+# -- block shuffle: a cache smaller than the dataset ---------------------------------------------
+
+def test_block_permutation_keeps_each_stretch_within_its_block_of_shards():
+    from pipeline import plan
+
+    sizes = [5, 7, 6, 4, 8, 3, 9]
+    starts = plan.shard_starts(sizes)
+    shard = np.repeat(np.arange(len(sizes)), sizes)
+    order = plan.block_permutation(sizes, 3, 1, 2)
+    assert sorted(order.tolist()) == list(range(sum(sizes)))
+    assert np.array_equal(order, plan.block_permutation(sizes, 3, 1, 2))  # a pure function
+    assert not np.array_equal(order, plan.block_permutation(sizes, 3, 2, 2))  # each epoch its own
+    pos = 0
+    blocks = []
+    while pos < len(order):  # consecutive blocks: two shards each (the last one, one)
+        first = shard[order[pos]]
+        block = {int(s) for s in shard[order[pos:]][:1]}
+        n = 0
+        seen = set()
+        for sid in order[pos:]:
+            seen.add(int(shard[sid]))
+            if len(seen) > 2:
+                break
+            n += 1
+        block = {int(shard[s]) for s in order[pos:pos + n]}
+        assert n == sum(sizes[s] for s in block) and first in block
+        blocks.append(block)
+        pos += n
+    assert [len(b) for b in blocks] == [2, 2, 2, 1] and set().union(*blocks) == set(range(len(sizes)))
+    assert starts[-1] == len(order)
+
+
+def test_block_shuffle_resumes_exactly_and_its_state_names_it(s3_env, bucket, colour_shards):
+    def make():
+        loader = create_loader(bucket, workers=1, block_shuffle=2, **KW)
+        loader.set_epoch(1)
+        return loader
+
+    state = assert_resumes_exactly(make, 2, through_json=True)
+    assert state["block_shuffle"] == 2
+    local = create_loader(colour_shards, workers=1, worker_mode="thread", block_shuffle=2, **KW)
+    local.set_epoch(1)
+    assert same_batches(collect(make()), collect(local))  # the bucket and the local copy agree
+    with pytest.raises(ValueError, match="block_shuffle"):
+        create_loader(colour_shards, workers=1, **KW).load_state_dict(state)
+    with pytest.raises(ValueError, match="block_shuffle"):
+        create_loader(colour_shards, workers=1, block_shuffle=-1, **KW)
+
+
+def test_a_cache_smaller_than_the_dataset_never_passes_its_limit(s3_proxy, bucket, colour_shards, tmp_path):
+    """A limit of about two shards. A full permutation needs every shard in every stretch: the cache
+    fills and keeps what it holds while the epoch still needs it (a shard is downloaded at most once
+    an epoch, not once a batch), and the rest is read by range. A block shuffle of one shard a block
+    moves the cache along with the blocks, so later epochs read much less by range."""
+    entries = load_manifest(colour_shards)["splits"]["train"]["shards"]
+    limit = sum(sorted(e["bytes"] for e in entries)[-2:])
+    ranged_later = {}
+    for block_shuffle in (0, 1):
+        cache_dir = tmp_path / f"cache{block_shuffle}"
+        options = dict(batch_size=4, image_size=24, device="cpu", seed=3, normalize=False, block_shuffle=block_shuffle)
+        loader = create_loader(bucket, workers=1, cache_dir=str(cache_dir), cache_limit=limit, cache_fill="wait",
+                               **options)
+        local = create_loader(colour_shards, workers=1, worker_mode="thread", **options)
+        ranged_later[block_shuffle] = 0
+        for epoch in (0, 1, 2):
+            before_whole, before_ranged = len(s3_proxy.gets(TAR, ranged=False)), len(s3_proxy.gets(TAR, ranged=True))
+            loader.set_epoch(epoch)
+            local.set_epoch(epoch)
+            assert same_batches(collect(loader), collect(local))
+            loader.table.cache._filler.wait(60)
+            assert 0 < sum(cached_files(cache_dir).values()) <= limit
+            whole = s3_proxy.gets(TAR, ranged=False)[before_whole:]
+            assert len(whole) == len({r.key for r in whole}) <= len(entries)  # no shard twice in an epoch
+            if epoch:
+                ranged_later[block_shuffle] += len(s3_proxy.gets(TAR, ranged=True)) - before_ranged
+        loader.close()
+        local.close()
+    assert ranged_later[1] < ranged_later[0] / 2, ranged_later

@@ -305,6 +305,7 @@ def test_torchrun_two_ranks_train_and_evaluate_like_one(small_shards, tmp_path):
     (["--shards", "x", "--cache-limit", "5G"], "--cache-limit"),
     (["--shards", "x", "--cache-fill", "sometimes"], "--cache-fill"),
     (["--shards", "x", "--fetch-ahead", "-1"], "--fetch-ahead"),
+    (["--shards", "x", "--block-shuffle", "-2"], "--block-shuffle"),
 ])
 def test_bad_flags_exit_with_one_line(args, needle):
     r = run_cli("train.run", *args, "--device" if "--device" not in args else "--seed",

@@ -97,6 +97,9 @@ class TrainConfig:
                            "are evicted; default: none)", default="")
     cache_fill: str = opt("--cache-fill", help="a sample of a shard not yet cached: read by range (ranged) or "
                           "wait for its download (wait)", default="ranged", meta={"choices": ("ranged", "wait")})
+    block_shuffle: int = opt("--block-shuffle", help="K > 0: each stretch of a train epoch draws from blocks of K "
+                             "shards, not the whole set (for a --cache-limit below the dataset; default 0: a full "
+                             "permutation)", default=0)
     fetch_ahead: int = opt("--fetch-ahead", help="object store: batches whose ranges each loader worker fetches "
                            "while it decodes", default=2)
     # -- resolved from the recipe (no flags) --------------------------------------------------
@@ -172,7 +175,8 @@ def validate(cfg: TrainConfig, given: set[str]) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
     if "image_size" in given and cfg.image_size < 8:
         raise UsageError("--image-size must be >= 8")
-    for name in ("workers", "max_steps", "save_every", "start_epoch", "eval_every", "fetch_ahead"):
+    for name in ("workers", "max_steps", "save_every", "start_epoch", "eval_every", "fetch_ahead",
+                 "block_shuffle"):
         if getattr(cfg, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0")
     if cfg.cache_limit:

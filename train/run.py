@@ -120,7 +120,9 @@ def build_loaders(cfg: TrainConfig, device: Device, info: DistInfo, input_dtype:
     if backend != "synthetic":  # object store shards: the node-local cache and the requests ahead
         common.update(cache_dir=cfg.cache_dir or None, cache_limit=cfg.cache_limit or None,
                       cache_fill=cfg.cache_fill, fetch_ahead=cfg.fetch_ahead)
-    train = create_loader(cfg.shards, split="train", batch_size=cfg.batch_size, backend=backend, **common)
+    train_only = dict(block_shuffle=cfg.block_shuffle) if cfg.block_shuffle else {}
+    train = create_loader(cfg.shards, split="train", batch_size=cfg.batch_size, backend=backend, **common,
+                          **train_only)
     val = None
     if cfg.shards is not None and backend != "synthetic":
         try:
