@@ -15,6 +15,11 @@ alike), the same cpu-backend loader on:
                   not yet in are read by range (--cache-fill ranged), or waited for (cache e1 wait);
 - cache e2+:      a cache filled by an earlier epoch.
 
+Then, at one latency, a cache limit below the dataset (--small-cache, a fraction of it): the full
+permutation (the cache fills once and holds; the rest is read by range) against the block shuffle
+(--block-shuffle, windows of shards, two of which fit the limit), with what the block shuffle costs
+in randomness.
+
 For each it reports img/s, the ratio to local, and the GET requests and bytes that epoch cost (one
 node: this process and its workers). The model extrapolates those per-sample and per-shard counts
 to ImageNet-1k (1,281,167 images, ~140 GB, 256 MB shards) on N nodes x 8 GPUs at --gpu-rate img/s
@@ -45,7 +50,7 @@ IMAGENET_SHARD_BYTES = 256e6  # the converter's default shard size
 PREFIX_GETS_PER_S = 5_500  # S3's GET rate per prefix partition
 DOLLARS_PER_1000_GETS = 0.0004
 GPUS_PER_NODE = 8
-RUNS = ("local", "ranged", "ranged+ahead", "cache e1", "cache e1 wait", "cache e2+")
+RUNS = ("local", "cache e2+", "ranged", "ranged+ahead", "cache e1", "cache e1 wait")
 
 
 def parse_args(argv):
@@ -62,6 +67,10 @@ def parse_args(argv):
     p.add_argument("--gpu-rate", type=float, default=3000, help="img/s per GPU of the modelled cluster")
     p.add_argument("--nodes", type=int, nargs="+", default=[1, 8, 64])
     p.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS)
+    p.add_argument("--small-cache", type=float, default=0.25,
+                   help="a cache limit, as a fraction of the dataset, for the full permutation against the block "
+                        "shuffle (0: skip)")
+    p.add_argument("--small-cache-latency-ms", type=float, default=30)
     a = p.parse_args(argv)
     if min(a.latencies_ms) < 0:
         p.error("--latencies-ms must be >= 0")
@@ -69,6 +78,8 @@ def parse_args(argv):
         p.error("--repeats, --batch-size, --workers, --classes and --per-class must be >= 1")
     if a.shard_mb <= 0 or a.gpu_rate <= 0 or min(a.nodes) < 1:
         p.error("--shard-mb, --gpu-rate and --nodes must be positive")
+    if not 0 <= a.small_cache < 1:
+        p.error("--small-cache must be in [0, 1) (a fraction of the dataset; 0 skips it)")
     return a
 
 
@@ -203,6 +214,76 @@ def measure(a, runs: Runs, proxy, server_pid: int, prefix: str, sizes: dict[str,
     return rows
 
 
+def order_stats(shard_sizes, order, batch_size: int) -> dict:
+    """How random an epoch's order is, by the shards its samples come from: distinct shards per batch,
+    the chance that two consecutive samples share a shard, and the mean distance between consecutive
+    samples' shards (in shard index; the shards are in random order on disk, so this measures spread)."""
+    import numpy as np
+
+    shard = np.repeat(np.arange(len(shard_sizes)), shard_sizes)[order]
+    n = len(shard) // batch_size * batch_size
+    per_batch = [len(np.unique(b)) for b in shard[:n].reshape(-1, batch_size)]
+    step = np.abs(np.diff(shard))
+    return {"shards_per_batch": float(np.mean(per_batch)), "same_shard": float(np.mean(step == 0)),
+            "shard_distance": float(np.mean(step))}
+
+
+def randomness(shard_sizes, window: int, batch_size: int, seed: int = 5) -> list[dict]:
+    """order_stats of the full permutation and of the block shuffle, epoch 1."""
+    from pipeline import plan
+
+    n = sum(shard_sizes)
+    return [{"order": "full permutation", **order_stats(shard_sizes, plan.epoch_permutation(n, seed, 1), batch_size)},
+            {"order": f"block shuffle, {window} shard(s)", **order_stats(
+                shard_sizes, plan.block_permutation(shard_sizes, seed, 1, window), batch_size)}]
+
+
+def small_cache(a, runs: "Runs", proxy, prefix: str, sizes: dict[str, int], shard_sizes: list[int]) -> dict:
+    """A cache limit below the dataset: the full permutation against the block shuffle (windows of
+    shards, two of which fit the limit), epochs after a first one that filled the cache."""
+    dataset = sum(sizes.values())
+    limit = int(a.small_cache * dataset)
+    window = max(1, int(limit / (dataset / len(sizes)) / 2))
+    proxy.latency_s = a.small_cache_latency_ms / 1000
+    loaders = {"local": runs.persistent["local"]}
+    for name, block in (("small cache, full", 0), (f"small cache, block {window}", window)):
+        loader = runs.create(runs.bucket, cache_dir=str(runs.scratch / f"small{block}"), cache_limit=limit,
+                             fetch_ahead=a.fetch_ahead, block_shuffle=block, **runs.kw)
+        for _ in loader:  # epoch 0 fills the cache
+            pass
+        loader.table.cache._filler.wait()
+        loaders[name] = loader
+    got = {k: {"rate": [], "ranged": [], "whole": [], "bytes": []} for k in loaders}
+    epoch = 1000
+    for _ in range(a.repeats):
+        for name, loader in loaders.items():
+            loader.set_epoch(epoch)
+            before = len(proxy.requests)
+            n, t = 0, time.perf_counter()
+            for _, y in loader:
+                n += len(y)
+            dt = time.perf_counter() - t
+            if loader.table.cache is not None:
+                loader.table.cache._filler.wait()
+            ranged, whole, nbytes = request_counts(proxy.requests[before:], prefix, sizes)
+            for k, v in (("rate", n / dt), ("ranged", ranged), ("whole", whole), ("bytes", nbytes)):
+                got[name][k].append(v)
+        epoch += 1
+    local = statistics.median(got["local"]["rate"])
+    rows = []
+    for name, g in got.items():
+        rate = statistics.median(g["rate"])
+        rows.append({"run": name, "img_s": rate, "of_local": rate / local, "ranged_gets": statistics.median(g["ranged"]),
+                     "whole_gets": statistics.median(g["whole"]), "mb": statistics.median(g["bytes"]) / 1e6,
+                     "rates": g["rate"]})
+    for name, loader in loaders.items():
+        if name != "local":
+            loader.close()
+    return {"limit_bytes": limit, "window": window, "latency_ms": a.small_cache_latency_ms, "rows": rows,
+            "randomness": randomness(shard_sizes, window, a.batch_size),
+            "randomness_imagenet": randomness([IMAGENET_IMAGES // 547] * 547, 16, 256)}
+
+
 def model(rows: list[dict], samples_per_epoch: int, dataset_bytes: int, shards: int, a) -> list[dict]:
     """ImageNet-1k on N nodes x 8 GPUs, from the per-sample (no cache) and per-shard (cache) counts
     measured at the largest latency."""
@@ -265,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
             runs = Runs(a, local, bucket, scratch)
             try:
                 rows = measure(a, runs, proxy, server.proc.pid, "bench/ds/", sizes)
+                small = small_cache(a, runs, proxy, "bench/ds/", sizes, [e["samples"] for e in entries]) \
+                    if a.small_cache > 0 else None
             finally:
                 runs.close()
     finally:
@@ -285,8 +368,22 @@ def main(argv: list[str] | None = None) -> int:
                           ("epoch_s", "epoch s", ".1f"), ("gets", "GETs/epoch", ",.0f"), ("get_s", "GET/s", ",.0f"),
                           ("of_prefix", "x 5,500/s", ".2f"), ("egress_tb", "egress TB/epoch", ".2f"),
                           ("node_gbit_s", "Gbit/s a node", ".1f"), ("dollars", "GET $/epoch", ",.2f")]))
+    if small is not None:
+        print(f"\nA cache of {a.small_cache:.0%} of the dataset ({small['limit_bytes'] / 1e6:.1f} MB) at "
+              f"{small['latency_ms']:.0f} ms, epochs after the first; the block shuffle in windows of "
+              f"{small['window']} shard(s):")
+        print(table(small["rows"], [("run", "run", "s"), ("img_s", "img/s", ".1f"), ("of_local", "of local", ".2f"),
+                                    ("ranged_gets", "ranged GETs/epoch", ".0f"),
+                                    ("whole_gets", "whole-shard GETs/epoch", ".0f"), ("mb", "MB/epoch", ".1f")]))
+        columns = [("order", "order", "s"), ("shards_per_batch", "shards a batch", ".1f"),
+                   ("same_shard", "P(next sample, same shard)", ".3f"),
+                   ("shard_distance", "mean shard distance, consecutive samples", ".1f")]
+        print(f"\nRandomness, this set (batch {a.batch_size}):")
+        print(table(small["randomness"], columns))
+        print("Randomness, ImageNet-1k in 547 shards (batch 256, one rank):")
+        print(table(small["randomness_imagenet"], columns))
     path = write_json("objstore", {"args": vars(a), "rows": rows, "model": cluster, "dataset_bytes": dataset_bytes,
-                                   "shards": len(entries)}, machine=machine)
+                                   "shards": len(entries), "small_cache": small}, machine=machine)
     print(f"\nwrote {path}")
     return 0
 
