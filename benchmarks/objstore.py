@@ -66,11 +66,15 @@ def parse_args(argv):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--gpu-rate", type=float, default=3000, help="img/s per GPU of the modelled cluster")
     p.add_argument("--nodes", type=int, nargs="+", default=[1, 8, 64])
+    p.add_argument("--node-gbit", type=float, default=100,
+                   help="a node's download bandwidth (Gbit/s): it bounds the first epoch with the cache")
     p.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS)
     p.add_argument("--small-cache", type=float, default=0.25,
                    help="a cache limit, as a fraction of the dataset, for the full permutation against the block "
                         "shuffle (0: skip)")
     p.add_argument("--small-cache-latency-ms", type=float, default=30)
+    p.add_argument("--small-cache-fill", choices=("ranged", "wait"), default="wait",
+                   help="--cache-fill of the small-cache runs")
     a = p.parse_args(argv)
     if min(a.latencies_ms) < 0:
         p.error("--latencies-ms must be >= 0")
@@ -248,7 +252,7 @@ def small_cache(a, runs: "Runs", proxy, prefix: str, sizes: dict[str, int], shar
     loaders = {"local": runs.persistent["local"]}
     for name, block in (("small cache, full", 0), (f"small cache, block {window}", window)):
         loader = runs.create(runs.bucket, cache_dir=str(runs.scratch / f"small{block}"), cache_limit=limit,
-                             fetch_ahead=a.fetch_ahead, block_shuffle=block, **runs.kw)
+                             cache_fill=a.small_cache_fill, fetch_ahead=a.fetch_ahead, block_shuffle=block, **runs.kw)
         for _ in loader:  # epoch 0 fills the cache
             pass
         loader.table.cache._filler.wait()
@@ -273,13 +277,15 @@ def small_cache(a, runs: "Runs", proxy, prefix: str, sizes: dict[str, int], shar
     rows = []
     for name, g in got.items():
         rate = statistics.median(g["rate"])
-        rows.append({"run": name, "img_s": rate, "of_local": rate / local, "ranged_gets": statistics.median(g["ranged"]),
+        rows.append({"run": name, "img_s": rate, "of_local": rate / local,
+                     "ranged_gets": statistics.median(g["ranged"]),
                      "whole_gets": statistics.median(g["whole"]), "mb": statistics.median(g["bytes"]) / 1e6,
                      "rates": g["rate"]})
     for name, loader in loaders.items():
         if name != "local":
             loader.close()
-    return {"limit_bytes": limit, "window": window, "latency_ms": a.small_cache_latency_ms, "rows": rows,
+    return {"limit_bytes": limit, "window": window, "latency_ms": a.small_cache_latency_ms,
+            "fill": a.small_cache_fill, "rows": rows,
             "randomness": randomness(shard_sizes, window, a.batch_size),
             "randomness_imagenet": randomness([IMAGENET_IMAGES // 547] * 547, 16, 256)}
 
@@ -308,10 +314,12 @@ def model(rows: list[dict], samples_per_epoch: int, dataset_bytes: int, shards: 
             modes.append(("cache, epoch 2+", nodes * r["gets"] / shards * IMAGENET_BYTES / IMAGENET_SHARD_BYTES,
                           nodes * r["mb"] * 1e6 / dataset_bytes * IMAGENET_BYTES))
         for mode, gets, egress in modes:
+            # A node cannot download faster than its link: the cache's first epoch may take longer.
+            seconds = max(epoch_s, egress / nodes * 8 / (a.node_gbit * 1e9)) if mode == "cache, epoch 1" else epoch_s
             out.append({"nodes": nodes, "gpus": nodes * GPUS_PER_NODE, "mode": mode, "img_s": img_s,
-                        "epoch_s": epoch_s, "gets": gets, "get_s": gets / epoch_s,
-                        "of_prefix": gets / epoch_s / PREFIX_GETS_PER_S, "egress_tb": egress / 1e12,
-                        "node_gbit_s": egress / nodes / epoch_s * 8 / 1e9,
+                        "epoch_s": seconds, "gets": gets, "get_s": gets / seconds,
+                        "of_prefix": gets / seconds / PREFIX_GETS_PER_S, "egress_tb": egress / 1e12,
+                        "node_gbit_s": egress / nodes / seconds * 8 / 1e9,
                         "dollars": gets / 1000 * DOLLARS_PER_1000_GETS})
     return out
 
@@ -363,15 +371,16 @@ def main(argv: list[str] | None = None) -> int:
     cluster = model(rows, samples, dataset_bytes, len(entries), a)
     print(f"\nImageNet-1k ({IMAGENET_IMAGES:,} images, {IMAGENET_BYTES / 1e9:.0f} GB in "
           f"{IMAGENET_BYTES / IMAGENET_SHARD_BYTES:.0f} shards) at {a.gpu_rate:.0f} img/s per GPU, "
-          f"{GPUS_PER_NODE} GPUs a node; per-sample and per-shard counts from the {max(a.latencies_ms):.0f} ms runs:")
+          f"{GPUS_PER_NODE} GPUs a node; per-sample and per-shard counts from the {max(a.latencies_ms):.0f} ms runs; "
+          f"the cache's first epoch at most {a.node_gbit:g} Gbit/s a node:")
     print(table(cluster, [("nodes", "nodes", "d"), ("gpus", "GPUs", "d"), ("mode", "mode", "s"),
                           ("epoch_s", "epoch s", ".1f"), ("gets", "GETs/epoch", ",.0f"), ("get_s", "GET/s", ",.0f"),
                           ("of_prefix", "x 5,500/s", ".2f"), ("egress_tb", "egress TB/epoch", ".2f"),
                           ("node_gbit_s", "Gbit/s a node", ".1f"), ("dollars", "GET $/epoch", ",.2f")]))
     if small is not None:
         print(f"\nA cache of {a.small_cache:.0%} of the dataset ({small['limit_bytes'] / 1e6:.1f} MB) at "
-              f"{small['latency_ms']:.0f} ms, epochs after the first; the block shuffle in windows of "
-              f"{small['window']} shard(s):")
+              f"{small['latency_ms']:.0f} ms, --cache-fill {small['fill']}, epochs after the first; the block "
+              f"shuffle in windows of {small['window']} shard(s):")
         print(table(small["rows"], [("run", "run", "s"), ("img_s", "img/s", ".1f"), ("of_local", "of local", ".2f"),
                                     ("ranged_gets", "ranged GETs/epoch", ".0f"),
                                     ("whole_gets", "whole-shard GETs/epoch", ".0f"), ("mb", "MB/epoch", ".1f")]))

@@ -108,7 +108,7 @@ class SampleReader:
     def fetch(self, ids) -> dict[int, tuple[bytes, int]]:
         """Bytes and labels of samples `ids` of an object store table, read by range requests
         (concurrent, nearby ranges merged), as a `raw` dict; samples of shards in the node-local
-        cache are copied from it instead."""
+        cache are views of its mapped copy instead."""
         t = self.table
         # An index entry past its shard's end is damage, not a range to ask for: left out here, it
         # is reported as a CorruptSample by `bytes`, as on a local copy.
@@ -121,9 +121,9 @@ class SampleReader:
                 mm = maps[int(t.shard[sid])]
                 if mm is None:
                     remote.append(sid)
-                else:
+                else:  # a view of the mapped copy, as for a local shard: no copy
                     off = int(t.offset[sid])
-                    out[sid] = (bytes(mm[off:off + int(t.size[sid])]), int(t.label[sid]))
+                    out[sid] = (memoryview(mm)[off:off + int(t.size[sid])], int(t.label[sid]))
             rows = remote
         rows = np.asarray(rows, np.int64)
         if len(rows):

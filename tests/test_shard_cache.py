@@ -281,8 +281,8 @@ def test_train_run_with_a_cache_dir(s3_proxy, bucket, colour_shards, tmp_path):
     cache_dir = tmp_path / "cache"
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "train.run", "--shards", bucket, "--cache-dir", str(cache_dir),
-                        "--cache-limit", "50M", "--arch", "resnet18", "--image-size", "32", "--device", "cpu", "-j", "1",
-                        "-b", "8", "--epochs", "2", "--warm-up-epochs", "0", "-p", "1", "--seed", "7", "--output",
+                        "--cache-limit", "50M", "--arch", "resnet18", "--image-size", "32", "--device", "cpu",
+                        "-j", "1", "-b", "8", "--epochs", "2", "--warm-up-epochs", "0", "-p", "1", "--seed", "7", "--output",
                         str(tmp_path / "run")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     m = load_manifest(colour_shards)["splits"]
