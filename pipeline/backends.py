@@ -25,14 +25,14 @@ def register_backend(name: str):
 def _cpu(shards, cfg: LoaderConfig):
     from .cpu import CpuLoader
 
-    return CpuLoader(open_split(shards, cfg.split), cfg)
+    return CpuLoader(open_table(shards, cfg), cfg)
 
 
 @register_backend("nvjpeg")
 def _nvjpeg(shards, cfg: LoaderConfig):
     from .nvjpeg import NvjpegLoader
 
-    return NvjpegLoader(open_split(shards, cfg.split), cfg)
+    return NvjpegLoader(open_table(shards, cfg), cfg)
 
 
 @register_backend("dali")
@@ -40,14 +40,14 @@ def _dali(shards, cfg: LoaderConfig):
     from .dali import DaliLoader, import_dali
 
     import_dali()  # name the missing package before any work
-    return DaliLoader(open_split(shards, cfg.split), cfg)
+    return DaliLoader(open_table(shards, cfg), cfg)
 
 
 @register_backend("resident")
 def _resident(shards, cfg: LoaderConfig):
     from .resident import ResidentLoader
 
-    return ResidentLoader(open_split(shards, cfg.split), cfg)
+    return ResidentLoader(open_table(shards, cfg), cfg)
 
 
 @register_backend("synthetic")
@@ -59,6 +59,20 @@ def _synthetic(shards, cfg: LoaderConfig):
         table = open_split(shards, cfg.split)
         samples, classes = len(table), table.num_classes or 1000
     return SyntheticLoader(cfg, samples, classes)
+
+
+def open_table(shards, cfg: LoaderConfig):
+    """`source.open_split`, with the node-local shard cache of `cfg` attached to a table of object
+    storage shards (`cfg.cache_dir`; other tables read their shards where they are)."""
+    table = open_split(shards, cfg.split)
+    if cfg.cache_dir is not None and table.ranged:
+        from .shard_cache import ShardCache, parse_size
+
+        if cfg.cache_fill not in ("ranged", "wait"):
+            raise ValueError(f"cache_fill {cfg.cache_fill!r}: expected 'ranged' or 'wait'")
+        table.cache = ShardCache(cfg.cache_dir, parse_size(cfg.cache_limit), table.urls, table.shard_bytes,
+                                 table.shard_sha256, wait=cfg.cache_fill == "wait")
+    return table
 
 
 def resolve_backend(name: str, device: str) -> str:

@@ -88,6 +88,17 @@ class LoaderConfig:
     # Decode at a reduced DCT scale (1/2, 1/4, 1/8) when that still covers the output; None means
     # on for train and off for val, whose pixels then match torchvision's Resize + CenterCrop.
     dct_scaling: bool | None = None
+    # Object storage shards: a node-local folder of whole shards shared by the node's ranks and
+    # workers (None: range requests only), its bound in bytes (None: none), and whether a sample of
+    # a shard not yet cached waits for its download ("wait") or is read by range ("ranged").
+    cache_dir: str | None = None
+    cache_limit: int | None = None
+    cache_fill: str = "ranged"
+    # Train, random-access shards: 0 is a full permutation per epoch; k > 0 keeps each stretch of
+    # the epoch within blocks of k shards (plan.block_permutation), for a cache smaller than the data.
+    block_shuffle: int = 0
+    # Object storage without a cached copy: batches whose ranges a worker fetches while it decodes.
+    fetch_ahead: int = 2
     max_open_shards: int = 64  # shard files each process keeps mapped (an LRU): bounds open descriptors
     mean: tuple = IMAGENET_MEAN
     std: tuple = IMAGENET_STD

@@ -47,6 +47,8 @@ class CpuLoader(PlannedLoader):
         self.decoder = BatchDecoder(self.samples, cfg.transform, cfg.seed, cfg.use_fast_dct, cfg.use_dct_scaling)
         self.device_stage = DeviceStage(cfg)
         self.slots = max(2, cfg.prefetch * max(cfg.workers, 1))
+        if table.ranged and cfg.fetch_ahead > 0:  # room for each worker's batches fetched ahead
+            self.slots = max(self.slots, (cfg.fetch_ahead + 1) * max(cfg.workers, 1))
         self._pool: WorkerPool | None = None
         self._token = 0
         self._outstanding = 0
@@ -68,7 +70,8 @@ class CpuLoader(PlannedLoader):
         resize.warmup()
         self._outstanding = 0
         start = pick_start_method(c.start_method) if c.worker_mode == "process" else None
-        self._pool = WorkerPool(self.decoder, self._images, self._labels, max(c.workers, 1), c.worker_mode, start)
+        self._pool = WorkerPool(self.decoder, self._images, self._labels, max(c.workers, 1), c.worker_mode, start,
+                                c.fetch_ahead)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -82,8 +85,8 @@ class CpuLoader(PlannedLoader):
 
     # -- iteration ----------------------------------------------------------------------
     def __iter__(self):
+        self._ensure_pool()  # workers fork before the cache filler's threads start (in _begin)
         epoch, batches, shard_order, start = self._begin()
-        self._ensure_pool()
         self._drain_stale()
         self._token += 1
         token = self._token

@@ -36,6 +36,8 @@ def create_loader(shards, split: str = "train", batch_size: int = 256, image_siz
         raise ValueError(f"rank {rank} is not in [0, {world_size})")
     if batch_size < 1 or image_size < 8:
         raise ValueError("batch_size must be >= 1 and image_size >= 8")
+    if options.get("block_shuffle", 0) < 0 or options.get("fetch_ahead", 0) < 0:
+        raise ValueError("block_shuffle (shards per block) and fetch_ahead must be >= 0")
     unknown = set(options) - set(LoaderConfig.__dataclass_fields__)
     if unknown:
         raise TypeError(f"create_loader: unknown option(s) {', '.join(sorted(unknown))}")

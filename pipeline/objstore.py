@@ -36,6 +36,9 @@ MAX_BACKOFF_S = 10.0
 # then costs a request or two, not one per sample); farther ones go concurrently.
 MERGE_GAP = 16 << 10
 MAX_MERGED = 32 << 20
+# Concurrent connections of one process's S3 client (botocore's default, 10, would let a batch's
+# range requests through ten at a time: ten round trips per 100 ranges).
+S3_CONNECTIONS = 128
 
 # What s3fs maps a malformed request to (a bad range, a too long name); retrying cannot help.
 _PERMANENT_ERRNOS = (errno.EINVAL, errno.ENAMETOOLONG, errno.EMSGSIZE)
@@ -101,6 +104,7 @@ def filesystem(url: str):
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         if endpoint:
             options["endpoint_url"] = endpoint
+        options["config_kwargs"] = {"max_pool_connections": S3_CONNECTIONS}
     return fsspec.filesystem(scheme, **options)
 
 
@@ -235,14 +239,24 @@ def copy(src: str, dst: str) -> None:
     _retrying(f"copy to {redact(dst)}", src, lambda: filesystem(src).copy(_path(src), _path(dst)))
 
 
-def get_file(url: str, local_path: str | os.PathLike) -> None:
-    """Download the object to `local_path`, atomically (a partial download never has its name)."""
+def get_file(url: str, local_path: str | os.PathLike, check=None) -> None:
+    """Download the object to `local_path`, atomically (a partial download never has its name).
+    `check(tmp_path)`, if given, runs on the whole download before it takes the name; what it raises
+    is retried if `is_transient` says so, else raised as an ObjectStoreError naming the URL, and the
+    download is deleted."""
     local_path = os.fspath(local_path)
     tmp = os.path.join(os.path.dirname(local_path) or ".", f".{os.path.basename(local_path)}.partial")
 
     def download():
         try:
             filesystem(url).get_file(_path(url), tmp)
+        except OSError as e:
+            if e.errno in LOCAL_WRITE_ERRNOS:
+                raise local_write_error(e, local_path) from None
+            raise
+        if check is not None:
+            check(tmp)
+        try:
             os.replace(tmp, local_path)
         except OSError as e:
             if e.errno in LOCAL_WRITE_ERRNOS:

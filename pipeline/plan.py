@@ -32,11 +32,28 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.Generator(np.random.PCG64([seed, epoch, 0x5EED])).permutation(n)
 
 
+def block_permutation(shard_sizes, seed: int, epoch: int, window: int) -> np.ndarray:
+    """An epoch's order of every sample that keeps each stretch of it within `window` shards: the
+    shards in a random order, cut into blocks of `window` shards, each block's samples permuted
+    together (MosaicML streaming's py1b, with blocks of whole shards). A node-local cache of a few
+    blocks then holds what the next batches need; the price is randomness: a batch draws from
+    `window` shards, not from all of them."""
+    if window < 1:
+        raise ValueError(f"block shuffle window {window}: expected >= 1 shard")
+    rng = np.random.Generator(np.random.PCG64([seed, epoch, 0xB10C]))
+    starts = shard_starts(shard_sizes)
+    order = rng.permutation(len(shard_sizes))
+    parts = [rng.permutation(np.concatenate([np.arange(starts[s], starts[s + 1]) for s in order[i:i + window]]))
+             for i in range(0, len(order), window)]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
 def train_batches_local(n: int, seed: int, epoch: int, rank: int, world: int, batch_size: int,
-                        drop_last: bool = True, start: int = 0) -> list[np.ndarray]:
-    """Rank `rank`'s batches of the epoch's permutation from position `start` on (0 but where
-    earlier world sizes consumed its head: see `consumed`)."""
-    perm = epoch_permutation(n, seed, epoch)[start:]
+                        drop_last: bool = True, start: int = 0, order: np.ndarray | None = None) -> list[np.ndarray]:
+    """Rank `rank`'s batches of the epoch's permutation (or of `order`, an epoch's order of all n
+    samples, such as `block_permutation`'s) from position `start` on (0 but where earlier world
+    sizes consumed its head: see `consumed`)."""
+    perm = (epoch_permutation(n, seed, epoch) if order is None else order)[start:]
     per_rank = len(perm) // world
     mine = perm[rank::world][:per_rank]
     return _batch(mine, batch_size, drop_last)

@@ -11,6 +11,7 @@ of them.
 from __future__ import annotations
 
 import sys
+import weakref
 
 import numpy as np
 
@@ -23,6 +24,7 @@ from .stats import LoaderStats
 # state may then resume on another world size). 2 is read as offset 0.
 STATE_VERSION = 3
 READABLE_STATE_VERSIONS = (2, 3)
+OPTIONAL_PLAN_KEYS = ("block_shuffle",)  # in a state only when on
 
 
 class ResumableLoader:
@@ -69,7 +71,9 @@ class ResumableLoader:
             raise ValueError(f"loader state version {state.get('version')!r}, this loader reads "
                              f"{' or '.join(map(str, READABLE_STATE_VERSIONS))}")
         key = self._plan_key()
-        for k, mine in key.items():
+        # A plan option left out of a key when off (block_shuffle) must still match when a state has it.
+        for k in [*key, *(k for k in OPTIONAL_PLAN_KEYS if k in state and k not in key)]:
+            mine = key.get(k)
             if k != "world_size" and state.get(k) != mine:
                 raise ValueError(f"loader state was saved with {k}={state.get(k)!r}, this loader has {k}={mine!r}")
         batch, offset, world = int(state["batch"]), int(state.get("offset", 0)), state.get("world_size")
@@ -134,6 +138,9 @@ class PlannedLoader(ResumableLoader):
         self.cfg = cfg
         self._plans: dict[int, tuple[list[np.ndarray], list[int] | None]] = {}
         self.stats = LoaderStats()
+        if cfg.block_shuffle and table.streamed:
+            raise ValueError("block_shuffle is for random-access shards (local or object store); streamed (http) "
+                             "shards are read whole, in order, through a shuffle buffer")
         if len(self) == 0:
             raise ValueError(f"split {cfg.split!r}: {len(table)} samples give no batch of {cfg.batch_size} "
                              f"on each of {cfg.world_size} rank(s)")
@@ -153,8 +160,11 @@ class PlannedLoader(ResumableLoader):
                     self.table.shard_sizes, c.seed, epoch, c.rank, c.world_size, c.batch_size, c.shuffle_buffer,
                     c.drop)
             else:
+                order = None
+                if c.block_shuffle:
+                    order = plan.block_permutation(self.table.shard_sizes, c.seed, epoch, c.block_shuffle)
                 p = (plan.train_batches_local(len(self.table), c.seed, epoch, c.rank, c.world_size, c.batch_size,
-                                              c.drop, offset), None)
+                                              c.drop, offset, order), None)
             self._plans = {(epoch, offset): p}
         return self._plans[(epoch, offset)]
 
@@ -184,6 +194,8 @@ class PlannedLoader(ResumableLoader):
                "split": c.split, "drop_last": c.drop}
         if self.table.streamed and c.train:
             key["shuffle_buffer"] = c.shuffle_buffer
+        elif c.train and c.block_shuffle:
+            key["block_shuffle"] = c.block_shuffle
         return key
 
     def _batch_count(self, epoch: int, world: int, offset: int) -> int:
@@ -203,7 +215,16 @@ class PlannedLoader(ResumableLoader):
         """Start an iteration: (epoch, batches, shard order, first batch). An iteration starts
         where `load_state_dict` pointed, else at the epoch's first batch."""
         batches, shard_order = self._plan(self.epoch)
-        return self.epoch, batches, shard_order, self._start()
+        start = self._start()
+        if self.table.cache is not None:  # fill the node-local cache in the order the plan reads
+            me = weakref.ref(self)  # the filler's threads must not keep the loader alive
+
+            def position() -> int:
+                loader = me()
+                return loader._position - start if loader is not None else len(batches)
+
+            self.table.cache.follow([self.table.shard[b] for b in batches[start:]], position)
+        return self.epoch, batches, shard_order, start
 
     def __del__(self):
         if sys.is_finalizing():

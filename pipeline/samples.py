@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import mmap
+import os
 import threading
 from collections import OrderedDict
 
@@ -74,11 +75,12 @@ class SampleReader:
         self.table = table
         self.max_open = max_open
         self._maps: OrderedDict[int, mmap.mmap] = OrderedDict()
+        self._inodes: dict[int, int] = {}  # a cached shard's inode when it was mapped
         self._lock = threading.Lock()
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_maps"], state["_lock"] = OrderedDict(), None
+        state["_maps"], state["_lock"], state["_inodes"] = OrderedDict(), None, {}
         return state
 
     def __setstate__(self, state):
@@ -93,6 +95,8 @@ class SampleReader:
         """Unmap every shard. A reader thread that never finished its batch (one abandoned at
         interpreter exit, say) may hold the lock: then the maps are left to the garbage collector
         rather than waited for forever."""
+        if self.table.cache is not None:
+            self.table.cache.stop()  # the loader's process: its cache filler
         if not self._lock.acquire(timeout=timeout):
             return
         try:
@@ -103,17 +107,64 @@ class SampleReader:
 
     def fetch(self, ids) -> dict[int, tuple[bytes, int]]:
         """Bytes and labels of samples `ids` of an object store table, read by range requests
-        (concurrent, nearby ranges merged), as a `raw` dict."""
+        (concurrent, nearby ranges merged), as a `raw` dict; samples of shards in the node-local
+        cache are views of its mapped copy instead."""
         t = self.table
         # An index entry past its shard's end is damage, not a range to ask for: left out here, it
         # is reported as a CorruptSample by `bytes`, as on a local copy.
-        rows = np.asarray([sid for sid in ids if t.past_end(sid) is None], np.int64)
-        starts = t.offset[rows]
+        rows = [int(sid) for sid in ids if t.past_end(sid) is None]
+        out = {}
+        if t.cache is not None:
+            remote = []
+            maps = {s: self._cached_map(s) for s in dict.fromkeys(int(t.shard[sid]) for sid in rows)}
+            for sid in rows:
+                mm = maps[int(t.shard[sid])]
+                if mm is None:
+                    remote.append(sid)
+                else:  # a view of the mapped copy, as for a local shard: no copy
+                    off = int(t.offset[sid])
+                    out[sid] = (memoryview(mm)[off:off + int(t.size[sid])], int(t.label[sid]))
+            rows = remote
+        rows = np.asarray(rows, np.int64)
+        if len(rows):
+            starts = t.offset[rows]
+            try:
+                blobs = objstore.read_ranges([t.urls[s] for s in t.shard[rows]], starts, starts + t.size[rows])
+            except objstore.ObjectStoreError as e:
+                raise ShardError(f"shard {e}") from None
+            out.update({int(sid): (b, int(t.label[sid])) for sid, b in zip(rows.tolist(), blobs)})
+        return out
+
+    def _cached_map(self, s: int) -> mmap.mmap | None:
+        """The node-local cached copy of shard `s`, mapped; None while it is not cached (with the
+        cache's `wait`, only once its download failed or found no room)."""
+        cache = self.table.cache
+        with self._lock:
+            mm = self._maps.get(s)
+            if mm is not None:
+                # Evicted (or replaced) since it was mapped: let it go, so its disk space is freed.
+                if _inode(cache.path(s)) == self._inodes.get(s):
+                    self._maps.move_to_end(s)
+                    return mm
+                _release(self._maps.pop(s))
+        path = cache.local(s)
+        if path is None and cache.wait and cache.ensure(s, block=True):
+            path = cache.local(s)
+        if path is None:
+            return None
         try:
-            blobs = objstore.read_ranges([t.urls[s] for s in t.shard[rows]], starts, starts + t.size[rows])
-        except objstore.ObjectStoreError as e:
-            raise ShardError(f"shard {e}") from None
-        return {int(sid): (b, int(t.label[sid])) for sid, b in zip(rows.tolist(), blobs)}
+            with open(path, "rb") as f:
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                inode = os.fstat(f.fileno()).st_ino
+        except (OSError, ValueError):
+            return None  # evicted since: read by range
+        cache.touch(s)
+        with self._lock:
+            self._maps[s] = mm
+            self._inodes[s] = inode
+            while len(self._maps) > self.max_open:
+                _release(self._maps.popitem(last=False)[1])
+        return mm
 
     def bytes(self, sid: int, raw: dict | None = None):
         """The image member of sample `sid`: a view of its mapped shard, or from `raw` (streamed),
@@ -164,6 +215,13 @@ class SampleReader:
             except CorruptSample as e:
                 bad[sid] = str(e)
         return data, sizes, bad
+
+
+def _inode(path) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
 
 
 def _release(mm: mmap.mmap) -> None:

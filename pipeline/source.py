@@ -56,6 +56,8 @@ class SampleTable:
     cls_offset: np.ndarray | None = None  # (N, 2) offset and size of the .cls member (-1: none)
     split: str = "train"
     shard_bytes: np.ndarray | None = None  # (shards,) int64 size of each shard file or object; None: unknown
+    shard_sha256: list[str | None] | None = None  # the manifest's sha256 of each shard (None: not recorded)
+    cache: object | None = None  # a ShardCache of RANGED shards (pipeline.shard_cache), or None
 
     def past_end(self, sample_id: int) -> str | None:
         """Why sample `sample_id`'s image member cannot be in its shard (its index entry runs past the
@@ -346,7 +348,9 @@ def open_split(shards: str | os.PathLike, split: str) -> SampleTable:
         sizes = _check_object_shards(urls, entries)
         indexes = _load_indexes(urls, RANGED)
         _check_counts(urls, entries, indexes)
-        return _build(split, urls, indexes, RANGED, manifest["classes"], [e.get("labels") for e in entries], sizes)
+        table = _build(split, urls, indexes, RANGED, manifest["classes"], [e.get("labels") for e in entries], sizes)
+        table.shard_sha256 = [e.get("sha256") for e in entries]
+        return table
     if is_url(spec) and spec.endswith(".json"):
         manifest = fmt.parse_manifest(http_get(spec), spec)
         entries = fmt.split_shards(manifest, split, spec)
@@ -472,4 +476,7 @@ def _open_pattern(spec: str, split: str) -> SampleTable:
     indexes = _load_indexes(urls, access)
     if described is not None:
         _check_counts(urls, described, indexes)
-    return _build(split, urls, indexes, access, classes, labels, sizes)
+    table = _build(split, urls, indexes, access, classes, labels, sizes)
+    if described is not None:
+        table.shard_sha256 = [e.get("sha256") for e in described]
+    return table

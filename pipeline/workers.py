@@ -31,18 +31,63 @@ class WorkerError(RuntimeError):
     pass
 
 
-def _serve(decoder: BatchDecoder, images: torch.Tensor, labels: torch.Tensor, tasks, results) -> None:
+def _serve(decoder: BatchDecoder, images: torch.Tensor, labels: torch.Tensor, tasks, results,
+           fetch_ahead: int = 0) -> None:
     img_np, lab_np = images.numpy(), labels.numpy()
+    if fetch_ahead > 0 and decoder.samples.table.ranged:
+        _serve_ahead(decoder, img_np, lab_np, tasks, results, fetch_ahead)
+        return
     while True:
         task = tasks.get()
         if task is None:
             break
-        token, seq, slot, epoch, ids, raw = task
-        try:
-            stats = decoder.decode_batch(epoch, ids, img_np[slot], lab_np[slot], raw)
-            results.put((token, seq, slot, stats, None))
-        except Exception as e:  # noqa: BLE001 - answered to the main process, which raises it
-            results.put((token, seq, slot, None, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+        _answer(decoder, img_np, lab_np, task, results)
+
+
+def _answer(decoder: BatchDecoder, img_np, lab_np, task, results, fetched=None) -> None:
+    """Decode one task's batch into its slot and answer it, failed or not. `fetched`: a future of
+    its samples' bytes (`SampleReader.fetch`), already requested."""
+    token, seq, slot, epoch, ids, raw = task
+    try:
+        wait_s = 0.0
+        if fetched is not None:
+            t0 = time.perf_counter()
+            raw = fetched.result()
+            wait_s = time.perf_counter() - t0
+        stats = decoder.decode_batch(epoch, ids, img_np[slot], lab_np[slot], raw)
+        if fetched is not None:
+            stats["read_s"] += wait_s  # the time the bytes kept the decoder waiting
+        results.put((token, seq, slot, stats, None))
+    except Exception as e:  # noqa: BLE001 - answered to the main process, which raises it
+        results.put((token, seq, slot, None, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+
+
+def _serve_ahead(decoder: BatchDecoder, img_np, lab_np, tasks, results, ahead: int) -> None:
+    """_serve for shards in object storage, hiding the requests' latency: while this worker decodes
+    one batch, the range requests of up to `ahead` more batches it has taken are in flight. It takes
+    a further task only when one is queued (never blocking while it holds one: the consumer may be
+    waiting for that batch), so an idle worker still gets the next task first."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    pending: deque = deque()
+    stopping = False
+    with ThreadPoolExecutor(ahead, thread_name_prefix="range-fetch") as pool:
+        while True:
+            while not stopping and len(pending) <= ahead:
+                try:
+                    task = tasks.get(block=not pending)
+                except queue.Empty:
+                    break
+                if task is None:
+                    stopping = True
+                    break
+                raw = task[5]
+                pending.append((task, None if raw is not None else pool.submit(decoder.samples.fetch, task[4])))
+            if not pending:
+                return
+            task, fetched = pending.popleft()
+            _answer(decoder, img_np, lab_np, task, results, fetched)
 
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -104,7 +149,7 @@ def _watch_owner(owner: int, parent: int) -> None:
 
 
 def _process_main(decoder, images, labels, tasks, results, owner: int | None = None, pdeathsig: bool = False,
-                  environ: dict[str, str] | None = None) -> None:
+                  environ: dict[str, str] | None = None, fetch_ahead: int = 0) -> None:
     if owner is not None:
         _exit_with(owner, pdeathsig)
     if environ is not None:
@@ -116,14 +161,14 @@ def _process_main(decoder, images, labels, tasks, results, owner: int | None = N
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
     try:
-        _serve(decoder, images, labels, tasks, results)
+        _serve(decoder, images, labels, tasks, results, fetch_ahead)
     finally:
         decoder.close()  # this process's shard maps (threads share their owner's, who closes them)
 
 
 class WorkerPool:
     def __init__(self, decoder: BatchDecoder, images: torch.Tensor, labels: torch.Tensor, workers: int,
-                 mode: str = "process", start_method: str | None = None):
+                 mode: str = "process", start_method: str | None = None, fetch_ahead: int = 0):
         self.mode = mode
         self.workers = []
         if mode == "process":
@@ -133,7 +178,8 @@ class WorkerPool:
             if ctx.get_start_method() == "forkserver":
                 # The server process imports what the workers need once; each worker forks from it.
                 ctx.set_forkserver_preload(["pipeline.workers", "pipeline.decode", "kernels.resize"])
-            self.tasks, self.results = ctx.SimpleQueue(), ctx.Queue()
+            # A Queue, not a SimpleQueue: a worker fetching ahead takes a task only if one is there.
+            self.tasks, self.results = ctx.Queue(), ctx.Queue()
             # A forked or spawned worker's parent is this thread, and the kernel's parent-death
             # signal fires when that thread ends: arm it only when the thread lives as long as the
             # process. A fork server's workers are forked by its main thread.
@@ -141,7 +187,7 @@ class WorkerPool:
             environ = dict(os.environ) if ctx.get_start_method() == "forkserver" else None
             for i in range(workers):
                 p = ctx.Process(target=_process_main, args=(decoder, images, labels, self.tasks, self.results,
-                                                            os.getpid(), pdeathsig, environ),
+                                                            os.getpid(), pdeathsig, environ, fetch_ahead),
                                 name=f"loader-worker-{i}", daemon=True)
                 p.start()
                 self.workers.append(p)
@@ -150,7 +196,7 @@ class WorkerPool:
             for i in range(workers):
                 # One decoder per thread (its own scratch buffer), one shared sample reader.
                 t = threading.Thread(target=_serve, args=(decoder.for_thread(), images, labels, self.tasks,
-                                                          self.results),
+                                                          self.results, fetch_ahead),
                                      name=f"loader-worker-{i}", daemon=True)
                 t.start()
                 self.workers.append(t)

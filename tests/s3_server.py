@@ -139,17 +139,19 @@ class Fault:
 
     ACTIONS = ("403", "404", "500", "503", "cut-request", "cut-response", "hold", "stall")
 
-    def __init__(self, action: str, method: str | None = None, key: str | None = None, times: int | None = None):
+    def __init__(self, action: str, method: str | None = None, key: str | None = None, times: int | None = None,
+                 ranged: bool | None = None):
         if action not in self.ACTIONS:
             raise ValueError(f"fault action {action!r}: expected one of {', '.join(self.ACTIONS)}")
-        self.action, self.method, self.times = action, method, times
+        self.action, self.method, self.times, self.ranged = action, method, times, ranged
         self.key = re.compile(key) if key is not None else None
         self.seen = self.done = 0
         self.released = threading.Event()
 
     def matches(self, request: Request) -> bool:
         return (self.method is None or self.method == request.method) and \
-            (self.key is None or self.key.search(request.key) is not None)
+            (self.key is None or self.key.search(request.key) is not None) and \
+            (self.ranged is None or ("range" in request.headers) == self.ranged)
 
     def release(self) -> None:
         self.released.set()
@@ -168,6 +170,8 @@ class FaultProxy:
     - `fail(n)`: answer the next n connections' request with 503 SlowDown (throttling).
 
     `cuts_done` and `failures_done` count what those did, so a test can check that a fault happened.
+    `latency_s` holds every request that long before it is passed on (a distant store: the time to
+    the first byte); `gets(key)` counts the GETs of keys matching a regular expression.
     Every response it forwards says `Connection: close`, so each connection carries one request:
     the proxy never has to find where one response ends and the next begins (a HEAD's
     Content-Length announces a body that never comes), and every request can be matched.
@@ -179,6 +183,7 @@ class FaultProxy:
         self.cuts_done = self.failures_done = 0
         self.faults: list[Fault] = []
         self.requests: list[Request] = []
+        self.latency_s = 0.0
         self._lock = threading.Lock()
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
@@ -195,13 +200,23 @@ class FaultProxy:
             self.failures_left += n
 
     def inject(self, action: str, method: str | None = None, key: str | None = None,
-               times: int | None = None) -> Fault:
-        """Add a fault (see Fault); it applies from the next request on. Returns it, to count and
+               times: int | None = None, ranged: bool | None = None) -> Fault:
+        """Add a fault (see Fault); it applies from the next request on, to range requests only
+        (`ranged=True`), to the others only (False), or to both (None). Returns it, to count and
         release."""
-        fault = Fault(action, method, key, times)
+        fault = Fault(action, method, key, times, ranged)
         with self._lock:
             self.faults.append(fault)
         return fault
+
+    def gets(self, key: str | None = None, ranged: bool | None = None) -> list[Request]:
+        """The GET requests seen whose key matches the regular expression `key` (None: any); only
+        range requests (`ranged=True`) or only whole-object ones (False), or both (None)."""
+        with self._lock:
+            seen = list(self.requests)
+        pattern = re.compile(key) if key is not None else None
+        return [r for r in seen if r.method == "GET" and (pattern is None or pattern.search(r.key))
+                and (ranged is None or ("range" in r.headers) == ranged)]
 
     def clear(self) -> None:
         """Remove every fault, closing any connection one holds."""
@@ -263,6 +278,8 @@ class FaultProxy:
             _close(client)
             return
         request = _parse_request(head)
+        if self.latency_s > 0:
+            time.sleep(self.latency_s)
         if self._take_failure():
             with self._lock:
                 self.requests.append(request)

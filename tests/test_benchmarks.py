@@ -410,3 +410,40 @@ def test_demo_benchmark_counts_the_machines_other_load():
     loop = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass"
     subprocess.run([sys.executable, "-c", loop], check=True)
     assert busy_cpu_seconds() - before >= 0.25
+
+
+def test_objstore_flags_validate(capsys):
+    from benchmarks.objstore import parse_args
+
+    assert "--latencies-ms" in _flag_error(capsys, parse_args, ["--latencies-ms", "-5"])
+    assert "--repeats" in _flag_error(capsys, parse_args, ["--repeats", "0"])
+    assert "--nodes" in _flag_error(capsys, parse_args, ["--nodes", "0"])
+    assert "--small-cache" in _flag_error(capsys, parse_args, ["--small-cache", "1.5"])
+    a = parse_args([])
+    assert a.latencies_ms == [0, 10, 30, 100] and a.nodes == [1, 8, 64] and a.gpu_rate == 3000
+
+
+def test_objstore_counts_requests_and_models_the_cluster():
+    from types import SimpleNamespace
+
+    from benchmarks.objstore import (IMAGENET_IMAGES, PREFIX_GETS_PER_S, model, order_stats, parse_args,
+                                     request_counts)
+
+    req = lambda method, key, rng=None: SimpleNamespace(method=method, key=key,  # noqa: E731
+                                                        headers={"range": rng} if rng else {})
+    seen = [req("GET", "b/ds/a.tar", "bytes=0-99"), req("GET", "b/ds/b.tar"), req("GET", "b/ds/a.idx"),
+            req("HEAD", "b/ds/a.tar"), req("GET", "b/other/a.tar")]
+    assert request_counts(seen, "b/ds/", {"a.tar": 1000, "b.tar": 500}) == (1, 1, 600)
+    # One GET per sample without a cache; one whole GET per shard in epoch 1; none later.
+    rows = [{"latency_ms": 30, "run": "ranged+ahead", "gets": 100, "samples": 100, "mb": 1.0, "whole_gets": 0},
+            {"latency_ms": 30, "run": "cache e1 wait", "gets": 10, "samples": 100, "mb": 1.0, "whole_gets": 10},
+            {"latency_ms": 30, "run": "cache e2+", "gets": 0, "samples": 100, "mb": 0.0, "whole_gets": 0}]
+    cluster = {(r["nodes"], r["mode"]): r for r in model(rows, 100, 1_000_000, 10, parse_args([]))}
+    big = cluster[(64, "no cache")]
+    assert big["gets"] == IMAGENET_IMAGES and big["get_s"] == pytest.approx(64 * 8 * 3000)
+    assert big["of_prefix"] == pytest.approx(64 * 8 * 3000 / PREFIX_GETS_PER_S)
+    assert cluster[(64, "cache, epoch 2+")]["get_s"] == 0
+    assert cluster[(1, "cache, epoch 1")]["gets"] == pytest.approx(140e9 / 256e6)
+    # A full permutation spreads a batch over the shards; blocks keep it within one.
+    full = order_stats([10, 10], np.arange(20)[::-1].copy(), 10)
+    assert full == {"shards_per_batch": 1.0, "same_shard": 18 / 19, "shard_distance": 1 / 19}

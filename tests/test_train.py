@@ -320,6 +320,11 @@ def test_amp_on_a_cpu_without_bf16_kernels_says_it_is_slow(tmp_path):
     ([], "--shards"),
     (["--shards", "x", "-b", "0"], "--batch-size"),
     (["--shards", "x", "--device", "tpu"], "--device"),
+    (["--shards", "x", "--cache-dir", "c", "--cache-limit", "lots"], "--cache-limit"),
+    (["--shards", "x", "--cache-limit", "5G"], "--cache-limit"),
+    (["--shards", "x", "--cache-fill", "sometimes"], "--cache-fill"),
+    (["--shards", "x", "--fetch-ahead", "-1"], "--fetch-ahead"),
+    (["--shards", "x", "--block-shuffle", "-2"], "--block-shuffle"),
 ])
 def test_bad_flags_exit_with_one_line(args, needle, capsys):
     # main() is what `python -m train.run` exits with; in this process it costs no interpreter and

@@ -91,6 +91,17 @@ class TrainConfig:
     eval_every: int = opt("--eval-every", help="evaluate every N epochs (0: only at the end)", default=1)
     tensorboard: bool = opt("--tensorboard", help="also write metrics.jsonl's metrics to OUTPUT/tensorboard "
                             "(needs the tensorboard package)", default=False)
+    cache_dir: str = opt("--cache-dir", help="node-local folder caching whole shards of an object store dataset, "
+                         "shared by the node's ranks and workers (default: range requests only)", default="")
+    cache_limit: str = opt("--cache-limit", help="bound of --cache-dir, e.g. 500G (least recently used shards "
+                           "are evicted; default: none)", default="")
+    cache_fill: str = opt("--cache-fill", help="a sample of a shard not yet cached: read by range (ranged) or "
+                          "wait for its download (wait)", default="ranged", meta={"choices": ("ranged", "wait")})
+    block_shuffle: int = opt("--block-shuffle", help="K > 0: each stretch of a train epoch draws from blocks of K "
+                             "shards, not the whole set (for a --cache-limit below the dataset; default 0: a full "
+                             "permutation)", default=0)
+    fetch_ahead: int = opt("--fetch-ahead", help="object store: batches whose ranges each loader worker fetches "
+                           "while it decodes", default=2)
     # -- resolved from the recipe (no flags) --------------------------------------------------
     mean: tuple = field(default=(), metadata={})
     std: tuple = field(default=(), metadata={})
@@ -164,9 +175,19 @@ def validate(cfg: TrainConfig, given: set[str]) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
     if "image_size" in given and cfg.image_size < 8:
         raise UsageError("--image-size must be >= 8")
-    for name in ("workers", "max_steps", "save_every", "start_epoch", "eval_every"):
+    for name in ("workers", "max_steps", "save_every", "start_epoch", "eval_every", "fetch_ahead",
+                 "block_shuffle"):
         if getattr(cfg, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0")
+    if cfg.cache_limit:
+        from pipeline.shard_cache import parse_size
+
+        try:
+            parse_size(cfg.cache_limit)
+        except ValueError as e:
+            raise UsageError(f"--cache-limit: {e}") from None
+        if not cfg.cache_dir:
+            raise UsageError("--cache-limit needs --cache-dir")
     if cfg.warm_up_epochs is not None and cfg.warm_up_epochs < 0:
         raise UsageError("--warm-up-epochs must be >= 0")
     from pipeline.backends import BACKENDS

@@ -117,7 +117,12 @@ def build_loaders(cfg: TrainConfig, device: Device, info: DistInfo, input_dtype:
     common = dict(image_size=cfg.image_size, device=str(device.torch_device), workers=cfg.workers, seed=cfg.seed,
                   rank=info.rank, world_size=info.world, dtype=input_dtype, channels_last=True, crop=cfg.crop,
                   mean=cfg.mean, std=cfg.std, scale=(cfg.min_crop_scale, 1.0))
-    train = create_loader(cfg.shards, split="train", batch_size=cfg.batch_size, backend=backend, **common)
+    if backend != "synthetic":  # object store shards: the node-local cache and the requests ahead
+        common.update(cache_dir=cfg.cache_dir or None, cache_limit=cfg.cache_limit or None,
+                      cache_fill=cfg.cache_fill, fetch_ahead=cfg.fetch_ahead)
+    train_only = dict(block_shuffle=cfg.block_shuffle) if cfg.block_shuffle else {}
+    train = create_loader(cfg.shards, split="train", batch_size=cfg.batch_size, backend=backend, **common,
+                          **train_only)
     val = None
     if cfg.shards is not None and backend != "synthetic":
         try:
