@@ -31,6 +31,17 @@ class WorkerError(RuntimeError):
     pass
 
 
+def packed(slot, size: int):
+    """A host slot (batch, S, S, 3), allocated once for the largest size S, as a contiguous
+    (batch, size, size, 3) array over its first elements: a smaller epoch (progressive resizing)
+    reuses the slot's memory, and its batch stays one block for the copy to the device. Works on
+    numpy arrays and torch tensors alike."""
+    if slot.shape[1] == size:
+        return slot
+    batch = slot.shape[0]
+    return slot.reshape(-1)[:batch * size * size * 3].reshape(batch, size, size, 3)
+
+
 def _serve(decoder: BatchDecoder, images: torch.Tensor, labels: torch.Tensor, tasks, results) -> None:
     img_np, lab_np = images.numpy(), labels.numpy()
     while True:
@@ -39,7 +50,8 @@ def _serve(decoder: BatchDecoder, images: torch.Tensor, labels: torch.Tensor, ta
             break
         token, seq, slot, epoch, ids, raw = task
         try:
-            stats = decoder.decode_batch(epoch, ids, img_np[slot], lab_np[slot], raw)
+            out = packed(img_np[slot], decoder.size_at(epoch))
+            stats = decoder.decode_batch(epoch, ids, out, lab_np[slot], raw)
             results.put((token, seq, slot, stats, None))
         except Exception as e:  # noqa: BLE001 - answered to the main process, which raises it
             results.put((token, seq, slot, None, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
