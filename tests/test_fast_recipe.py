@@ -195,3 +195,56 @@ def test_tta_flip_scores_the_mean_of_each_image_and_its_mirror():
         want = 100.0 * float(topk_correct((model(x) + model(x.flip(3))) / 2, y)[0]) / len(y)
         alone = 100.0 * float(topk_correct(model(x), y)[0]) / len(y)
     assert flipped == pytest.approx(want) and plain == pytest.approx(alone) and want != alone
+
+
+def test_the_photo_set_as_a_task_labels_each_image_by_its_photo():
+    pytest.importorskip("skimage", reason="scikit-image (the photos) is not installed")
+    from benchmarks import photos
+
+    cfg = photos.PhotoConfig(classes=16, per_class=3, labels="photo")
+    assert all(photos.plan(k, i, "train", cfg).photo == (photos.COLOUR + photos.GREY)[k]
+               for k in range(16) for i in range(3))
+    # The other draws (size, quality, ...) are those of the arbitrary set, whose cache marker is unchanged.
+    plain = photos.PhotoConfig(classes=16, per_class=3)
+    assert photos.plan(5, 1, "val", cfg).width == photos.plan(5, 1, "val", plain).width
+    assert "labels" not in photos._marker(plain) and photos._marker(cfg)["labels"] == "photo"
+    with pytest.raises(ValueError, match="1 to 16 classes"):
+        photos.PhotoConfig(classes=17, labels="photo")
+    with pytest.raises(ValueError, match="labels 'bogus'"):
+        photos.PhotoConfig(labels="bogus")
+
+
+def fake_run(folder, recipe: str, accs: list[float], secs: list[float], sizes: list[int]):
+    folder.mkdir(parents=True)
+    cfg = {"stem": "imagenet", "blurpool": recipe == "fast", "val_size": 37, "label_smoothing": 0.0,
+           "no_bn_wd": False, "tta_flip": False, "schedule": "cosine", "warm_up_epochs": 1.0, "start_image_size": 0,
+           "ramp_start_epoch": -1, "ramp_end_epoch": -1, "size_step": 0, "lr": 0.1, "weight_decay": 1e-4}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    rows = [{"step": 10 * (e + 1), "epoch": e, "val_acc1": a, "train_s": t, "image_size": s}
+            for e, (a, t, s) in enumerate(zip(accs, secs, sizes))]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def test_time_to_accuracy_reads_the_target_off_the_mean_curves(tmp_path):
+    from argparse import Namespace
+
+    from benchmarks.time_to_accuracy import model_flops, summarize
+
+    runs = {"imagenet": [fake_run(tmp_path / f"s{i}", "imagenet", [50, 80, 90 + i], [10, 20, 30], [32] * 3)
+                         for i in range(2)],
+            "fast": [fake_run(tmp_path / f"f{i}", "fast", [60, 89.6, 92], [5, 9, 15], [24, 24, 32]) for i in range(2)]}
+    a = Namespace(arch="resnet18", image_size=32, classes=4, tolerance=1.0)
+    got = summarize(runs, {"imagenet": [40, 40], "fast": [20, 20]}, a)
+    assert got["recipes"]["imagenet"]["final_top1_mean"] == 90.5 and got["target_top1"] == 89.5
+    assert got["fast_epochs_to_target"] == 2 and got["time_ratio"] == pytest.approx(9 / 30)
+    assert got["time_ratio_per_seed"] == pytest.approx([0.3, 0.3]) and got["goal_met"]
+    ref = model_flops("resnet18", 32, "imagenet", False, 4)
+    small, large = (model_flops("resnet18", s, "imagenet", True, 4) / ref for s in (24, 32))
+    assert got["recipes"]["fast"]["curve"]["flops_epochs"] == pytest.approx([small, 2 * small, 2 * small + large])
+    assert got["flops_ratio"] == pytest.approx(2 * small / 3) and large > 1  # BlurPool costs FLOPs too
+    # A fast recipe that never gets there misses the goal, and says so.
+    runs["fast"] = [fake_run(tmp_path / f"g{i}", "fast", [60, 70, 80], [5, 9, 15], [24, 24, 32]) for i in range(2)]
+    got = summarize(runs, {"imagenet": [40, 40], "fast": [20, 20]}, a)
+    assert not got["fast_reaches_target"] and got["time_ratio"] is None and not got["goal_met"]
+    assert got["full_run_time_ratio_per_seed"] == pytest.approx([0.5, 0.5])
