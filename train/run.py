@@ -44,7 +44,7 @@ def lr_at(cfg: TrainConfig, epoch_float: float) -> float:
         return cfg.lr * (epoch_float + 1) / (w + 1)
     span = max(cfg.epochs - w, 1e-9)
     done = min(epoch_float - w, span) / span
-    if cfg.schedule == "linear":
+    if getattr(cfg, "schedule", "cosine") == "linear":  # (callers may pass any object with lr, epochs, warm-up)
         return cfg.lr * (1 - done)
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * done))
 
