@@ -27,10 +27,13 @@ WORKERS=${WORKERS:-$(nproc)}
 ARCH=${ARCH:-resnet152} BATCH=${BATCH:-256} IMAGE=${IMAGE:-224}
 CLASSES=${CLASSES:-100} PER_CLASS=${PER_CLASS:-60} STEPS=${STEPS:-20} E2E_EPOCHS=${E2E_EPOCHS:-3}
 COMPILE=${COMPILE:-both}
+# The fast recipe (--recipe fast: BlurPool, progressive sizes 160 -> 192 -> 224): its step rates.
+FAST_ARCHS=${FAST_ARCHS:-resnet50 resnet152} FAST_SIZES=${FAST_SIZES:-160 192 224}
 if [ "${DRY:-0}" = 1 ]; then  # a CPU rehearsal: every step and output, at sizes a laptop runs in minutes
     # One epoch of 6 steps (the FPS line's minimum) at 48 px (the ImageNet stem): on a CPU without
     # bf16 units every bf16 step is emulated, several times slower than an fp32 one.
     DEVICE=cpu ARCH=resnet18 BATCH=8 IMAGE=48 CLASSES=4 PER_CLASS=12 STEPS=1 E2E_EPOCHS=1 COMPILE=off
+    FAST_ARCHS=resnet18 FAST_SIZES=32
     WORK=${WORK}-dry
 fi
 rm -rf "$WORK" && mkdir -p "$WORK" "$OUT"
@@ -75,6 +78,13 @@ for backend in synthetic nvjpeg cpu; do
         --print-freq 10 --backend "$backend" --output "$WORK/e2e_$backend" > "$WORK/e2e_$backend.log" 2>&1
     grep -a "FPS@all" "$WORK/e2e_$backend.log" | tail -1 || tail -2 "$WORK/e2e_$backend.log"
 done
+
+step "fast recipe train step: $FAST_ARCHS with BlurPool at $FAST_SIZES px, synthetic data"
+# shellcheck disable=SC2086  # the lists split into arguments
+timeout "$(limit 120)" $PY -m benchmarks.train_step --device "$DEVICE" --arch $FAST_ARCHS --batch-size "$BATCH" \
+    --image-size $FAST_SIZES --blurpool --levels O2:bf16 --optimizers fused --channels-last on --compile off \
+    --steps "$STEPS" --name fast_step > "$WORK/fast_step.log" 2>&1
+tail -"$(( $(echo $FAST_ARCHS | wc -w) * $(echo $FAST_SIZES | wc -w) + 2 ))" "$WORK/fast_step.log"
 
 # Last: the compiled rows take minutes to compile, and the goals above matter more.
 step "$ARCH train step, synthetic data"

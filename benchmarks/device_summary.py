@@ -3,8 +3,9 @@
     python -m benchmarks.device_summary WORK [--json PATH]
 
 WORK is the check's folder: machine.txt (and machine.json, `benchmarks.machine`'s description),
-tests.log, loader_*.json, train_step_*.json and the end-to-end logs e2e_<backend>.log. A step that
-failed or ran out of time shows as "failed".
+tests.log, loader_*.json, train_step_*.json, fast_step.json (the fast recipe's BlurPool models at
+its progressive sizes) and the end-to-end logs e2e_<backend>.log. A step that failed or ran out of
+time shows as "failed".
 """
 from __future__ import annotations
 
@@ -41,13 +42,17 @@ def collect(work: Path) -> dict:
         for r in json.loads(path.read_text())["rows"]:
             rows.append({"what": "loader alone", "config": r["name"], "img_s": r.get("img_s"),
                          "note": r.get("note", ""), "loader_gpu_bytes": r.get("loader_gpu_bytes")})
-    for path in sorted(work.glob("train_step_*.json")):
-        for r in json.loads(path.read_text())["rows"]:
-            rows.append({"what": "train step (synthetic)",
-                         "config": f"{r['arch']} b{r['batch']} {r['image']}px {r['precision']} compile={r['compile']}",
-                         "img_s": r.get("img_s"), "mfu": r.get("mfu"), "peak_tflops": r.get("peak_tflops"),
-                         "peak_name": r.get("peak_name"), "note": mfu_note(r) or r.get("error") or ""})
-    for step, what in (("loader", "loader alone"), ("train_step", "train step (synthetic)")):
+    for pattern, what in (("train_step_*.json", "train step (synthetic)"),
+                          ("fast_step.json", "fast recipe step (BlurPool, synthetic)")):
+        for path in sorted(work.glob(pattern)):
+            for r in json.loads(path.read_text())["rows"]:
+                rows.append({"what": what,
+                             "config": f"{r['arch']} b{r['batch']} {r['image']}px {r['precision']} "
+                                       f"compile={r['compile']}",
+                             "img_s": r.get("img_s"), "mfu": r.get("mfu"), "peak_tflops": r.get("peak_tflops"),
+                             "peak_name": r.get("peak_name"), "note": mfu_note(r) or r.get("error") or ""})
+    for step, what in (("loader", "loader alone"), ("train_step", "train step (synthetic)"),
+                       ("fast_step", "fast recipe step (BlurPool, synthetic)")):
         log = work / f"{step}.log"
         if log.exists() and "\nwrote " not in log.read_text(errors="replace"):
             # The benchmark never reached its end: rows above are what it measured before it stopped.

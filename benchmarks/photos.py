@@ -10,7 +10,9 @@ subsampling, plus a few greyscale and CMYK files.
     python -m benchmarks.photos --out DIR [--classes 10 --per-class 100 --seed 49]
 
 The class folder is arbitrary (any photo can land in any class): the set measures speed, not
-accuracy. Output is deterministic from the seed: image i of class k is drawn from an RNG keyed on
+accuracy. With `labels="photo"` (`--labels photo`) it is a classification task instead: class k's
+images are all cut from photo k (at most 16 classes), so a model can learn it (the time-to-accuracy
+benchmark uses it). Output is deterministic from the seed: image i of class k is drawn from an RNG keyed on
 (seed, split, k, i), whatever the worker count.
 """
 from __future__ import annotations
@@ -35,6 +37,7 @@ GREY = ("camera.png", "moon.png", "grass.png", "gravel.png", "brick.png", "coins
 COMPLETE_MARKER = "photos.json"
 GENERATOR_VERSION = 1  # bump when the images change, so cached sets are regenerated
 _SPLIT_IDS = {"train": 0, "val": 1}
+LABELS = ("arbitrary", "photo")
 SUBSAMPLING = {"4:4:4": 0, "4:2:2": 1, "4:2:0": 2}  # Pillow's codes
 
 
@@ -46,6 +49,14 @@ class PhotoConfig:
     seed: int = 49
     grey_fraction: float = 0.02  # ImageNet has a few per cent greyscale JPEGs
     cmyk_fraction: float = 0.005  # and a handful of CMYK ones
+    labels: str = "arbitrary"  # or "photo": class k is photo k (a learnable task)
+
+    def __post_init__(self):
+        if self.labels not in LABELS:
+            raise ValueError(f"labels {self.labels!r}: expected one of {', '.join(LABELS)}")
+        if self.labels == "photo" and not 1 <= self.classes <= len(COLOUR + GREY):
+            raise ValueError(f"labels 'photo' has one class per photo: 1 to {len(COLOUR + GREY)} classes, "
+                             f"not {self.classes}")
 
 
 @dataclass(frozen=True)
@@ -106,6 +117,8 @@ def plan(k: int, index: int, split: str, cfg: PhotoConfig) -> Plan:
     # Colour photos dominate, as in ImageNet; greyscale sources still appear as RGB files.
     photos = COLOUR if rng.random() < 0.75 else GREY
     photo = photos[int(rng.integers(len(photos)))]
+    if cfg.labels == "photo":  # (after the same draws, so the other fields do not change)
+        photo = (COLOUR + GREY)[k]
     s = rng.random()
     subsampling = "4:2:0" if s < 0.85 else "4:4:4" if s < 0.97 else "4:2:2"
     f = rng.random()
@@ -170,7 +183,10 @@ def _write_one(job: tuple[int, int, str, str, PhotoConfig]) -> int:
 
 
 def _marker(cfg: PhotoConfig) -> dict:
-    return {"version": GENERATOR_VERSION, **asdict(cfg)}
+    fields = asdict(cfg)
+    if fields["labels"] == "arbitrary":
+        del fields["labels"]  # the marker of sets made before the option existed
+    return {"version": GENERATOR_VERSION, **fields}
 
 
 def generate(out: str | os.PathLike, cfg: PhotoConfig, workers: int | None = None) -> Path:
@@ -206,8 +222,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val-per-class", type=int, default=10)
     p.add_argument("--seed", type=int, default=49)
     p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--labels", choices=LABELS, default="arbitrary", help="photo: class k is photo k (learnable)")
     a = p.parse_args(argv)
-    out = generate(a.out, PhotoConfig(a.classes, a.per_class, a.val_per_class, a.seed), a.workers)
+    try:
+        cfg = PhotoConfig(a.classes, a.per_class, a.val_per_class, a.seed, labels=a.labels)
+    except ValueError as e:
+        p.error(str(e))
+    out = generate(a.out, cfg, a.workers)
     files = list((out / "train").rglob("*.JPEG"))
     sizes = [Image.open(f).size for f in files]
     print(f"{out}: {len(files)} train JPEGs, mean {np.mean([s[0] for s in sizes]):.0f} x "

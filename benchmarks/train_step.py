@@ -81,7 +81,7 @@ def card_name(device: str) -> str:
 
 def measure(arch: str, batch: int, image: int, device_name: str, opt_level: str, amp: str, channels_last: bool,
             compile_: bool, optimizer: str, warmup: int, steps: int, repeats: int,
-            cpu_rates: list | None = None) -> float:
+            cpu_rates: list | None = None, blurpool: bool = False) -> float:
     """Median img/s over `repeats` windows of `steps` steps. cpu_rates, if given, receives the
     median img per second of this process's CPU time (all threads): on a CPU shared with other
     jobs, the figure their load does not move (run with OMP_NUM_THREADS=1, or idle threads'
@@ -94,7 +94,7 @@ def measure(arch: str, batch: int, image: int, device_name: str, opt_level: str,
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[amp]
     precision = Precision(opt_level, dtype, "dynamic", device.kind)
     model, opt, _ = build(arch, 1000, device, precision, 0.01, 0.9, 1e-4, optimizer=optimizer,
-                          channels_last=channels_last)
+                          channels_last=channels_last, blurpool=blurpool)
     step_model = torch.compile(model) if compile_ else model
     crit = torch.nn.CrossEntropyLoss()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -123,7 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--arch", nargs="+", default=None)
     p.add_argument("--batch-size", type=int, nargs="+", default=None)
-    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--image-size", type=int, nargs="+", default=None,
+                   help="one or more sizes (the fast recipe's progressive sizes: 160 192 224)")
+    p.add_argument("--blurpool", action="store_true", help="the fast recipe's BlurPool model (train.blurpool)")
+    p.add_argument("--name", default=None, help="JSON name under BENCH_OUT (default train_step_<device>)")
     p.add_argument("--levels", nargs="+", default=["O0:fp32", "O1:bf16", "O2:bf16", "O1:fp16", "O2:fp16"],
                    help="LEVEL:DTYPE pairs")
     p.add_argument("--compile", choices=["off", "on", "both"], default="both")
@@ -140,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     card = card_name(a.device) if gpu else "CPU"
     archs = a.arch or (["resnet152"] if gpu else ["resnet18"])
     batches = a.batch_size or ([256] if gpu else [32])
-    image = a.image_size or (224 if gpu else 64)
+    images = a.image_size or [224 if gpu else 64]
     steps = a.steps or (20 if gpu else 4)
     warmup = 8 if gpu else 2
     cl = {"on": [True], "off": [False], "both": [True, False]}[a.channels_last]
@@ -158,17 +161,17 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
 
     def save(rows: list[dict]):
-        return write_json(f"train_step_{a.device.split(':')[0]}", {
-            "rows": rows, "device": a.device, "device_name": card,
+        return write_json(a.name or f"train_step_{a.device.split(':')[0]}", {
+            "rows": rows, "device": a.device, "device_name": card, "blurpool": a.blurpool,
             "command": "python -m benchmarks.train_step " + " ".join(argv or [])}, machine=machine)
 
-    for arch, batch in itertools.product(archs, batches):
+    for arch, batch, image in itertools.product(archs, batches, images):
         for level, channels_last, compile_, optimizer in configs:
             opt_level, amp = level.split(":")
             cpu_rates = []
             try:
                 rate = measure(arch, batch, image, a.device, opt_level, amp, channels_last, compile_, optimizer,
-                               warmup, steps, a.repeats, cpu_rates=cpu_rates)
+                               warmup, steps, a.repeats, cpu_rates=cpu_rates, blurpool=a.blurpool)
                 err = None
             except (RuntimeError, NotImplementedError) as e:  # e.g. fp16 kernels missing on a CPU
                 rate, err = None, str(e).splitlines()[0][:60]
@@ -185,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                     flops = 3 * FWD_GFLOPS_224[arch] * 1e9 * (image / 224) ** 2
                     row["mfu"] = rate * flops / (peak * 1e12)
             rows.append(row)
-            print(f"{arch} b{batch} {level} cl={channels_last} compile={compile_} {optimizer}: "
+            print(f"{arch} b{batch} {level} cl={channels_last} compile={compile_} {optimizer} {image}px: "
                   f"{'%.1f img/s' % rate if rate else err}{', ' + mfu_note(row) if 'peak_name' in row else ''}"
                   f"{', %.1f img/CPU-s' % row['cpu_img_s'] if row['cpu_img_s'] else ''}", flush=True)
             save(rows)  # after every row: a run cut short by a time limit keeps what it measured

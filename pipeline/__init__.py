@@ -11,6 +11,7 @@ _EXPORTS = {
     "create_loader": "loader", "Loader": "loader", "LoaderConfig": "contract", "BatchLoader": "contract",
     "LoaderStats": "stats", "ShardError": "shard_format", "ManifestError": "shard_format",
     "BACKENDS": "backends", "register_backend": "backends", "Transform": "augment",
+    "ResolutionSchedule": "resolution",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -4,7 +4,9 @@
                                      from another world size: this world's batches of what is left)
     loader.num_samples               samples this rank yields per epoch (val: its exactly-once share)
     loader.num_classes               classes of the dataset (None when the shards cannot tell)
-    loader.set_epoch(e)              selects epoch e's order and augmentation
+    loader.set_epoch(e)              selects epoch e's order, augmentation and image size
+    loader.image_size                the side of the current epoch's images (`image_size` may be a
+                                     ResolutionSchedule: a pure function of the epoch)
     for images, labels in loader:    images (B, 3, H, W) on `device`, labels int64 on `device`
     loader.state_dict()              where to resume: right after the last batch this loader yielded
     loader.load_state_dict(sd)       the next iteration continues from there, bitwise as if uninterrupted;
@@ -20,7 +22,7 @@ The state belongs to the backend: callers store it and hand it back unchanged, n
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator, Protocol, runtime_checkable
 
 import torch
@@ -28,6 +30,7 @@ import torch
 from kernels.normalize import IMAGENET_MEAN, IMAGENET_STD
 
 from .augment import RRC_RATIO, RRC_SCALE, Transform
+from .resolution import ResolutionSchedule, as_schedule
 from .stats import LoaderStats
 
 
@@ -48,6 +51,9 @@ class BatchLoader(Protocol):
     @property
     def epoch_offset(self) -> int: ...
 
+    @property
+    def image_size(self) -> int: ...
+
     def set_epoch(self, epoch: int) -> None: ...
 
     def state_dict(self) -> dict: ...
@@ -63,7 +69,7 @@ class LoaderConfig:
 
     split: str = "train"
     batch_size: int = 256
-    image_size: int = 224
+    image_size: int | ResolutionSchedule = 224  # a side in pixels, or one per epoch
     device: str = "cuda"
     workers: int = 8
     seed: int = 49
@@ -108,9 +114,26 @@ class LoaderConfig:
         return self.split == "train"
 
     @property
+    def schedule(self) -> ResolutionSchedule:
+        return as_schedule(self.image_size)
+
+    @property
+    def max_size(self) -> int:
+        """The largest image side of any epoch: what host slots and device buffers are sized for."""
+        return self.schedule.max_size
+
+    def size_at(self, epoch: int) -> int:
+        return self.schedule.size(epoch)
+
+    def transform_at(self, epoch: int) -> Transform:
+        """What each sample of `epoch` becomes (its size is the schedule's for that epoch)."""
+        return Transform(self.size_at(epoch), self.train, tuple(self.scale), tuple(self.ratio), self.val_resize,
+                         self.crop, self.padding)
+
+    @property
     def transform(self) -> Transform:
-        return Transform(self.image_size, self.train, tuple(self.scale), tuple(self.ratio), self.val_resize, self.crop,
-                         self.padding)
+        """The transform at the largest size (what does not depend on the epoch: crop kind, split)."""
+        return replace(self.transform_at(0), size=self.max_size)
 
     @property
     def use_fast_dct(self) -> bool:

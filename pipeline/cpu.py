@@ -22,7 +22,7 @@ from .planned import PlannedLoader
 from .remote import RemoteReader
 from .samples import SampleReader
 from .source import SampleTable
-from .workers import WorkerError, WorkerPool
+from .workers import WorkerError, WorkerPool, packed
 
 
 def pick_start_method(requested: str | None) -> str:
@@ -44,7 +44,8 @@ class CpuLoader(PlannedLoader):
     def __init__(self, table: SampleTable, cfg: LoaderConfig):
         super().__init__(table, cfg)
         self.samples = SampleReader(table, cfg.max_open_shards)
-        self.decoder = BatchDecoder(self.samples, cfg.transform, cfg.seed, cfg.use_fast_dct, cfg.use_dct_scaling)
+        self.decoder = BatchDecoder(self.samples, cfg.transform_at(0), cfg.seed, cfg.use_fast_dct, cfg.use_dct_scaling,
+                                    None if cfg.schedule.fixed else cfg.schedule)
         self.device_stage = DeviceStage(cfg)
         self.slots = max(2, cfg.prefetch * max(cfg.workers, 1))
         if table.ranged and cfg.fetch_ahead > 0:  # room for each worker's batches fetched ahead
@@ -59,7 +60,9 @@ class CpuLoader(PlannedLoader):
         if self._pool is not None:
             return
         c = self.cfg
-        shape = (self.slots, c.batch_size, c.image_size, c.image_size, 3)
+        # Sized once for the largest size of the schedule: a smaller epoch uses a prefix of each
+        # slot (`packed`), so progressive resizing never reallocates or re-pins host memory.
+        shape = (self.slots, c.batch_size, c.max_size, c.max_size, 3)
         self._images = torch.empty(shape, dtype=torch.uint8).share_memory_()
         self._labels = torch.empty((self.slots, c.batch_size), dtype=torch.int64).share_memory_()
         if self.device_stage.pins_host_memory:
@@ -93,6 +96,7 @@ class CpuLoader(PlannedLoader):
         reader = None
         if self.table.streamed:
             reader = RemoteReader(self.table, shard_order, batches, start, lookahead=self.slots + 1)
+        size = self.cfg.size_at(epoch)
         free = list(range(self.slots))
         ready: dict[int, tuple[int, dict]] = {}
         nxt = start
@@ -124,7 +128,7 @@ class CpuLoader(PlannedLoader):
                 t1 = time.perf_counter()
                 slot, st = ready.pop(self._position)
                 n = st["n"]
-                images, labels, event = self.device_stage(self._images[slot, :n], self._labels[slot, :n])
+                images, labels, event = self.device_stage(packed(self._images[slot], size)[:n], self._labels[slot, :n])
                 self._slot_events[slot] = event
                 free.append(slot)
                 self.stats.copy_s += time.perf_counter() - t1

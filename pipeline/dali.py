@@ -10,7 +10,9 @@ and flip from the shared counter-based RNG (`Transform`). DALI gets them through
                               padded crop (CIFAR) decodes whole, and `fn.slice` fills the part
                               of its box outside the image with zeros
     fn.resize                 antialiased linear resize of the box (a fractional ROI of the slice)
-                              to size x size; a ROI given right to left flips the sample
+                              to size x size; a ROI given right to left flips the sample. The size
+                              is fed with each sample (progressive resizing changes it by epoch
+                              without rebuilding the pipeline)
     fn.crop_mirror_normalize  normalize, HWC, which is NCHW in channels_last memory
 
 So DALI's batches hold the same samples, crops and flips as the cpu and nvjpeg backends, the
@@ -44,7 +46,8 @@ from .samples import CorruptSample, SampleReader
 from .source import SampleTable
 
 PACKAGE = "nvidia-dali-cuda130"
-_INPUTS = ("jpegs", "anchor", "shape", "roi_start", "roi_end")
+_INPUTS = ("jpegs", "anchor", "shape", "roi_start", "roi_end", "size")
+_FLOAT_INPUTS = ("roi_start", "roi_end", "size")
 
 
 def import_dali():
@@ -97,16 +100,15 @@ class DaliLoader(PlannedLoader):
                               device_id=(self.device.index or 0) if gpu else None, seed=cfg.seed,
                               prefetch_queue_depth=self.depth, exec_dynamic=True)
         op_device = "gpu" if gpu else "cpu"
-        size = cfg.image_size
         mean = [m * 255 for m in cfg.mean] if cfg.normalize else [0.0, 0.0, 0.0]
         std = [s * 255 for s in cfg.std] if cfg.normalize else [1.0, 1.0, 1.0]
         out_type = types.UINT8
         if cfg.normalize:
             out_type = types.FLOAT16 if cfg.dtype == torch.float16 else types.FLOAT
         with pipe:
-            jpegs, anchor, shape, roi_start, roi_end = (
+            jpegs, anchor, shape, roi_start, roi_end, size = (
                 fn.external_source(name=n, dtype=types.UINT8 if n == "jpegs" else
-                                   types.FLOAT if n.startswith("roi") else types.INT32, ndim=1) for n in _INPUTS)
+                                   types.FLOAT if n in _FLOAT_INPUTS else types.INT32, ndim=1) for n in _INPUTS)
             decoder = {"device": "mixed", "hw_decoder_load": 0.65,
                        "jpeg_fancy_upsampling": not cfg.use_fast_dct} if gpu else \
                 {"device": "cpu", "use_fast_idct": cfg.use_fast_dct}
@@ -117,7 +119,7 @@ class DaliLoader(PlannedLoader):
                 images = fn.decoders.image(jpegs, output_type=types.RGB, **decoder)
                 images = fn.slice(images, anchor, shape, device=op_device, out_of_bounds_policy="pad", fill_values=0,
                                   **box)
-            images = fn.resize(images, device=op_device, size=[size, size], roi_start=roi_start, roi_end=roi_end,
+            images = fn.resize(images, device=op_device, size=size, roi_start=roi_start, roi_end=roi_end,
                                antialias=True, interp_type=types.INTERP_LINEAR, subpixel_scale=False)
             images = fn.crop_mirror_normalize(images, device=op_device, dtype=out_type, output_layout="HWC",
                                               mean=mean, std=std)
@@ -134,7 +136,8 @@ class DaliLoader(PlannedLoader):
             if sid in self._known_bad:
                 bad.setdefault(sid, self._known_bad[sid])
         pos = {sid: i for i, sid in enumerate(ids)}
-        boxes, flips = self.cfg.transform.params(self.cfg.seed, epoch, ids, sizes)
+        transform = self.cfg.transform_at(epoch)
+        boxes, flips = transform.params(self.cfg.seed, epoch, ids, sizes)
         sources, corrupt = list(ids), []
         for i, sid in enumerate(ids):
             if sid not in bad:
@@ -146,10 +149,10 @@ class DaliLoader(PlannedLoader):
                                     f"{self.table.key(sid)} ({bad[sid]})")
             # The stand-in keeps the failed sample's own draws, applied to its image (cpu's rule).
             sources[i] = src
-            boxes[i:i + 1], flips[i:i + 1] = self.cfg.transform.params(self.cfg.seed, epoch, [sid],
-                                                                       sizes[pos[src]][None])
+            boxes[i:i + 1], flips[i:i + 1] = transform.params(self.cfg.seed, epoch, [sid], sizes[pos[src]][None])
         inputs = {k: [] for k in _INPUTS}
-        size, transform = self.cfg.image_size, self.cfg.transform
+        size = transform.size
+        out_size = np.array([size, size], np.float32)
         for i, src in enumerate(sources):
             w, h = (int(v) for v in sizes[pos[src]])
             x0, y0, bw, bh = boxes[i]
@@ -168,6 +171,7 @@ class DaliLoader(PlannedLoader):
             inputs["shape"].append(np.array([ex - ax, ey - ay], np.int32))
             inputs["roi_start"].append(np.array(start, np.float32))
             inputs["roi_end"].append(np.array(end, np.float32))
+            inputs["size"].append(out_size)
         labels = np.array([self.samples.label(s, raw) for s in sources], np.int64)
         return HostBatch(index, ids, sources, inputs, labels, corrupt, time.perf_counter() - t0, raw)
 

@@ -17,12 +17,14 @@ import io
 import logging
 import math
 import time
+from dataclasses import replace
 
 import numpy as np
 
 from kernels.resize import resize_crop_into
 
 from .augment import Transform, uniforms
+from .resolution import ResolutionSchedule
 from .samples import CorruptJPEG, CorruptSample, SampleReader, UnsupportedJPEG, _jpeg, is_jpeg, pil_errors
 
 log = logging.getLogger(__name__)
@@ -94,12 +96,14 @@ def _decode_pil(data, d: int) -> tuple[np.ndarray, float]:
 
 class BatchDecoder:
     """Decodes batches of sample ids into host slots; picklable (one per worker process), and
-    `for_thread()` gives each worker thread its own scratch buffer over a shared reader."""
+    `for_thread()` gives each worker thread its own scratch buffer over a shared reader. With a
+    `schedule`, epoch e's transform has the schedule's size for e (progressive resizing)."""
 
     def __init__(self, samples: SampleReader, transform: Transform, seed: int, fast_dct: bool = False,
-                 dct_scaling: bool = True):
+                 dct_scaling: bool = True, schedule: ResolutionSchedule | None = None):
         self.samples = samples
         self.transform = transform
+        self.schedule = schedule
         self.seed = seed
         self.fast_dct = fast_dct
         self.dct_scaling = dct_scaling
@@ -114,14 +118,22 @@ class BatchDecoder:
         return state
 
     def for_thread(self) -> "BatchDecoder":
-        return BatchDecoder(self.samples, self.transform, self.seed, self.fast_dct, self.dct_scaling)
+        return BatchDecoder(self.samples, self.transform, self.seed, self.fast_dct, self.dct_scaling, self.schedule)
 
     def close(self) -> None:
         self.samples.close()
 
+    def size_at(self, epoch: int) -> int:
+        """The output side of epoch `epoch`."""
+        return self.transform.size if self.schedule is None else self.schedule.size(epoch)
+
+    def transform_at(self, epoch: int) -> Transform:
+        size = self.size_at(epoch)
+        return self.transform if size == self.transform.size else replace(self.transform, size=size)
+
     def params(self, epoch: int, ids, sizes: np.ndarray):
         """Crop boxes and flips for samples `ids` (their RNG keys) on images of `sizes` (w, h)."""
-        return self.transform.params(self.seed, epoch, ids, sizes)
+        return self.transform_at(epoch).params(self.seed, epoch, ids, sizes)
 
     # -- one sample ------------------------------------------------------------------------------
     def decode_into(self, data, box, flip: bool, out: np.ndarray, size) -> None:

@@ -10,6 +10,7 @@ import torch
 
 from .backends import BACKENDS, resolve_backend
 from .contract import BatchLoader, LoaderConfig
+from .resolution import ResolutionSchedule, as_schedule
 
 
 def dist_rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -21,7 +22,7 @@ def dist_rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def create_loader(shards, split: str = "train", batch_size: int = 256, image_size: int = 224,
+def create_loader(shards, split: str = "train", batch_size: int = 256, image_size: int | ResolutionSchedule = 224,
                   backend: str = "auto", device: str = "cuda", workers: int = 8, seed: int = 49,
                   rank: int | None = None, world_size: int | None = None, dtype: torch.dtype = torch.bfloat16,
                   channels_last: bool = True, normalize: bool = True, **options) -> BatchLoader:
@@ -30,12 +31,14 @@ def create_loader(shards, split: str = "train", batch_size: int = 256, image_siz
     the backend `backend` names ("auto", "cpu", "nvjpeg", "dali", "synthetic"). Extra `options`
     are LoaderConfig fields (drop_last, prefetch, worker_mode, start_method, shuffle_buffer, scale,
     ratio, val_resize, fast_dct, dct_scaling, max_open_shards, mean, std). The result honours the
-    `BatchLoader` contract."""
+    `BatchLoader` contract. `image_size` is a side in pixels, or a `ResolutionSchedule` (progressive
+    resizing: `set_epoch` then selects the size too)."""
     rank, world_size = dist_rank_world(rank, world_size)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, {world_size})")
-    if batch_size < 1 or image_size < 8:
-        raise ValueError("batch_size must be >= 1 and image_size >= 8")
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    as_schedule(image_size)  # a clear error for a bad size or schedule, before any work
     if options.get("block_shuffle", 0) < 0 or options.get("fetch_ahead", 0) < 0:
         raise ValueError("block_shuffle (shards per block) and fetch_ahead must be >= 0")
     unknown = set(options) - set(LoaderConfig.__dataclass_fields__)

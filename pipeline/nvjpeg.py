@@ -162,11 +162,11 @@ class NvjpegLoader(PlannedLoader):
                 raise CorruptSample(f"epoch {epoch}: no decodable sample in the batch to replace "
                                     f"{self.table.key(sid)} ({bad[sid]})")
         # Each sample keeps its own RNG draws, applied to the image it actually got.
-        boxes, flips = self.cfg.transform.params(self.cfg.seed, epoch, ids,
-                                                 np.array([[t.shape[2], t.shape[1]] for t in images]))
+        transform = self.cfg.transform_at(epoch)
+        boxes, flips = transform.params(self.cfg.seed, epoch, ids, np.array([[t.shape[2], t.shape[1]] for t in images]))
         images = [pad_for_box(t, box) for t, box in zip(images, boxes)]
         dtype = self.cfg.dtype if self.cfg.normalize else torch.float32
-        x = batch_crop_resize(images, boxes, flips, self.cfg.image_size, self.scale, self.shift, dtype)
+        x = batch_crop_resize(images, boxes, flips, transform.size, self.scale, self.shift, dtype)
         if not self.cfg.normalize:
             x = x.round().clamp_(0, 255).to(torch.uint8)
         if not self.cfg.channels_last:

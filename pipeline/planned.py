@@ -54,6 +54,11 @@ class ResumableLoader:
         this loader's plan of it begins: 0, unless a state saved at another world size was loaded."""
         return self._offset
 
+    @property
+    def image_size(self) -> int:
+        """The side of the current epoch's images: the config's schedule at this epoch."""
+        return self.cfg.size_at(self.epoch)
+
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
             self._resume_batch = self._position = self._offset = 0

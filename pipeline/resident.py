@@ -60,8 +60,8 @@ class ResidentLoader(PlannedLoader):
                              f"{sorted(shapes)[:4] if shapes else 'no decodable image'}")
         h, w, _ = shapes.pop()
         # The widest reach of a box past the image: the random crop's padding, or a centre crop
-        # larger than the image.
-        size = self.cfg.image_size
+        # larger than the image, at the schedule's largest size (one allocation for every epoch).
+        size = self.cfg.max_size
         self._pad = p = max(self.cfg.padding if self.cfg.train else 0, (size - min(h, w) + 1) // 2, 0)
         pixels = np.zeros((n, h + 2 * p, w + 2 * p, 3), np.uint8)
         for sid, a in enumerate(decoded):
@@ -97,7 +97,8 @@ class ResidentLoader(PlannedLoader):
     def _batch(self, epoch: int, ids: np.ndarray):
         ids = [int(s) for s in ids]
         sizes = np.tile(np.array(self._size, np.int64), (len(ids), 1))
-        boxes, flips = self.cfg.transform.params(self.cfg.seed, epoch, ids, sizes)
+        transform = self.cfg.transform_at(epoch)
+        boxes, flips = transform.params(self.cfg.seed, epoch, ids, sizes)
         sources, corrupt = list(ids), []
         for i, sid in enumerate(ids):
             if sid in self._bad:
@@ -107,7 +108,7 @@ class ResidentLoader(PlannedLoader):
                     raise CorruptSample(f"epoch {epoch}: no decodable sample in the batch to replace "
                                         f"{self.table.key(sid)} ({self._bad[sid]})")
                 sources[i] = src  # with the failed sample's own crop and flip, as the cpu backend does
-        s, p = self.cfg.image_size, self._pad
+        s, p = transform.size, self._pad
         ar = np.arange(s)
         rows = boxes[:, 1:2].astype(np.int64) + p + ar
         cols = boxes[:, 0:1].astype(np.int64) + p + ar

@@ -3,6 +3,8 @@
 It has the same contract, batch counts and output spec as the shard backends (the same plan
 sizes: equal train steps on every rank, val split exactly once), so a training run on it
 measures the model alone, with no loader cost (the DeepLearningExamples `synthetic` backend).
+The batch is made once at the schedule's largest size; a smaller epoch (progressive resizing)
+yields a view of its first elements, as the cpu backend's host slots do.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from . import plan
 from .contract import LoaderConfig
 from .planned import ResumableLoader
 from .stats import LoaderStats
+from .workers import packed
 
 
 class SyntheticLoader(ResumableLoader):
@@ -29,7 +32,8 @@ class SyntheticLoader(ResumableLoader):
             raise ValueError(f"synthetic: {num_samples} samples give no batch of {b} on each of {w} rank(s)")
         device = torch.device(cfg.device)
         g = torch.Generator().manual_seed(cfg.seed)
-        raw = torch.randint(0, 256, (b, cfg.image_size, cfg.image_size, 3), generator=g, dtype=torch.uint8)
+        side = cfg.max_size
+        raw = torch.randint(0, 256, (b, side, side, 3), generator=g, dtype=torch.uint8)
         scale, shift = affine_constants(cfg.mean, cfg.std, device) if cfg.normalize else (None, None)
         dtype = cfg.dtype if cfg.normalize else torch.uint8
         self.images = normalize_nhwc(raw.to(device), scale, shift, dtype, cfg.channels_last)
@@ -63,11 +67,21 @@ class SyntheticLoader(ResumableLoader):
         return {"seed": c.seed, "world_size": c.world_size, "batch_size": c.batch_size,
                 "samples": self.dataset_samples, "split": c.split, "drop_last": c.drop}
 
+    def _images_at(self, size: int) -> torch.Tensor:
+        """The batch at `size`: a view of the first elements of the one allocation, in its layout."""
+        x = self.images
+        if x.shape[2] == size:
+            return x
+        if self.cfg.channels_last:
+            return packed(x.permute(0, 2, 3, 1), size).permute(0, 3, 1, 2)
+        return x.reshape(-1)[:x.shape[0] * 3 * size * size].view(x.shape[0], 3, size, size)
+
     def __iter__(self):
         self._start()
+        images = self._images_at(self.image_size)
         while self._position < len(self._sizes):
             n = self._sizes[self._position]
             self._position += 1
             self.stats.batches += 1
             self.stats.samples += n
-            yield self.images[:n], self.labels[:n]
+            yield images[:n], self.labels[:n]

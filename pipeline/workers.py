@@ -31,6 +31,17 @@ class WorkerError(RuntimeError):
     pass
 
 
+def packed(slot, size: int):
+    """A host slot (batch, S, S, 3), allocated once for the largest size S, as a contiguous
+    (batch, size, size, 3) array over its first elements: a smaller epoch (progressive resizing)
+    reuses the slot's memory, and its batch stays one block for the copy to the device. Works on
+    numpy arrays and torch tensors alike."""
+    if slot.shape[1] == size:
+        return slot
+    batch = slot.shape[0]
+    return slot.reshape(-1)[:batch * size * size * 3].reshape(batch, size, size, 3)
+
+
 def _serve(decoder: BatchDecoder, images: torch.Tensor, labels: torch.Tensor, tasks, results,
            fetch_ahead: int = 0) -> None:
     img_np, lab_np = images.numpy(), labels.numpy()
@@ -54,7 +65,8 @@ def _answer(decoder: BatchDecoder, img_np, lab_np, task, results, fetched=None) 
             t0 = time.perf_counter()
             raw = fetched.result()
             wait_s = time.perf_counter() - t0
-        stats = decoder.decode_batch(epoch, ids, img_np[slot], lab_np[slot], raw)
+        out = packed(img_np[slot], decoder.size_at(epoch))
+        stats = decoder.decode_batch(epoch, ids, out, lab_np[slot], raw)
         if fetched is not None:
             stats["read_s"] += wait_s  # the time the bytes kept the decoder waiting
         results.put((token, seq, slot, stats, None))

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import CLASS_COLOURS, assert_resumes_exactly, collect, new_bucket, rewrite_shard, upload_folder
-from pipeline import BACKENDS, BatchLoader, LoaderStats, create_loader
+from pipeline import BACKENDS, BatchLoader, LoaderStats, ResolutionSchedule, create_loader
 from pipeline.shard_format import load_manifest
 
 DATA_BACKENDS = ["cpu", "nvjpeg", "dali", "resident"]
@@ -189,6 +189,82 @@ def test_state_after_a_finished_epoch_resumes_into_the_next(ds, backend, dataset
     b.set_epoch(1)
     a.set_epoch(1)
     assert digests(collect(b)) == digests(collect(a))
+
+
+def ramp(ds: Dataset) -> ResolutionSchedule:
+    """Two sizes in one run: 8 px below the dataset's size in epoch 0, its size from epoch 1 on."""
+    return ResolutionSchedule(ds.size - 8, ds.size, start_epoch=0, end_epoch=1, step=8)
+
+
+@pytest.mark.parametrize("backend,dataset", combos(ALL_BACKENDS))
+def test_resolution_schedule_selects_the_size_by_epoch(ds, backend, dataset):
+    """Each epoch of a schedule is, bitwise, the epoch of a loader built at that epoch's fixed size;
+    every rank has the same size in the same epoch, and going back to an epoch gives it again."""
+    small, large = ds.size - 8, ds.size
+    loader = make(ds, backend, image_size=ramp(ds), normalize=False)
+    other_rank = make(ds, backend, image_size=ramp(ds), normalize=False, rank=1, world_size=2)
+    seen = {}
+    for epoch, size in ((0, small), (1, large), (2, large), (0, small)):
+        loader.set_epoch(epoch)
+        other_rank.set_epoch(epoch)
+        assert loader.image_size == other_rank.image_size == size
+        got = collect(loader)
+        assert len(got) == TRAIN // 8
+        assert all(x.shape == (8, 3, size, size) for x, _ in got)
+        assert next(iter(other_rank))[0].shape[-1] == size
+        if backend != "synthetic":  # (its one random batch is drawn at the largest size)
+            fixed = make(ds, backend, image_size=size, normalize=False)
+            fixed.set_epoch(epoch)
+            want = collect(fixed)
+            assert digests(got) == digests(want) and all(torch.equal(a[1], b[1]) for a, b in zip(got, want))
+        if epoch in seen:
+            assert digests(got) == seen[epoch]
+        seen[epoch] = digests(got)
+    assert len(loader) == TRAIN // 8  # the plan does not depend on the size
+
+
+@pytest.mark.parametrize("backend,dataset", combos(ALL_BACKENDS))
+def test_a_resume_across_the_resolution_ramp_is_exact(ds, backend, dataset):
+    """States saved mid-epoch before the ramp, at an epoch's end and mid-epoch after it resume
+    bitwise into the sizes an uninterrupted run has."""
+    def make_loader():
+        return make(ds, backend, image_size=ramp(ds), normalize=False, prefetch=3)
+
+    reference, whole = make_loader(), []
+    for epoch in (0, 1):
+        reference.set_epoch(epoch)
+        whole.append(collect(reference))
+    assert whole[0][0][0].shape[-1] == ds.size - 8 and whole[1][0][0].shape[-1] == ds.size
+    for epoch, head in ((0, 3), (0, TRAIN // 8), (1, 2)):
+        first = make_loader()
+        first.set_epoch(epoch)
+        it = iter(first)
+        got = [tuple(t.clone() for t in next(it)) for _ in range(head)]
+        state = json.loads(json.dumps(first.state_dict()))
+        first.close()
+        resumed = make_loader()
+        resumed.load_state_dict(state)
+        got += collect(resumed)
+        if epoch == 0:
+            resumed.set_epoch(1)
+            got += collect(resumed)
+        want = whole[0] + whole[1] if epoch == 0 else whole[1]
+        assert len(got) == len(want)
+        assert all(torch.equal(a, b) and torch.equal(la, lb) for (a, la), (b, lb) in zip(got, want))
+
+
+def test_host_slots_are_allocated_once_for_the_largest_size(colour_shards):
+    """A smaller epoch uses a prefix of the slots allocated for the largest size: no new host memory."""
+    schedule = ResolutionSchedule(16, 24, start_epoch=0, end_epoch=1, step=8)
+    loader = create_loader(colour_shards, batch_size=8, image_size=schedule, device="cpu", workers=1, seed=3,
+                           worker_mode="thread", normalize=False)
+    sizes, slots = [], set()
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        sizes.append(next(iter(loader))[0].shape[-1])
+        slots.add((loader._images.data_ptr(), tuple(loader._images.shape)))
+    assert sizes == [16, 24, 24] and len(slots) == 1 and next(iter(slots))[1][2:4] == (24, 24)
+    loader.close()
 
 
 @pytest.mark.parametrize("backend,dataset", combos(ALL_BACKENDS))

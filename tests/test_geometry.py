@@ -45,17 +45,17 @@ def reference(loader, sid: int, epoch: int, shift_px: float = 0.0, flip_wrong: b
     from torchvision.transforms import InterpolationMode
 
     im = Image.open(io.BytesIO(bytes(SampleReader(loader.table).bytes(sid)))).convert("RGB")
-    t, seed = loader.cfg.transform, loader.cfg.seed
+    t, seed = loader.cfg.transform_at(epoch), loader.cfg.seed  # the epoch's size (progressive resizing)
     boxes, flips = t.params(seed, epoch, [sid], [[im.width, im.height]])
     if t.train:
         left, top, w, h = (int(v) for v in boxes[0])
-        left += int(round(shift_px * w / SIZE))
-        out = F.resized_crop(im, top, left, h, w, [SIZE, SIZE], InterpolationMode.BILINEAR, antialias=True)
+        left += int(round(shift_px * w / t.size))
+        out = F.resized_crop(im, top, left, h, w, [t.size, t.size], InterpolationMode.BILINEAR, antialias=True)
     else:
         out = F.resize(im, t.resize, InterpolationMode.BILINEAR, antialias=True)
         if shift_px:
             out = out.crop((int(shift_px), 0, out.width, out.height))
-        out = F.center_crop(out, SIZE)
+        out = F.center_crop(out, t.size)
     if bool(flips[0]) != flip_wrong:
         out = F.hflip(out)
     return np.asarray(out).astype(int)
@@ -89,6 +89,28 @@ def test_pixels_match_torchvision_given_the_same_parameters(coord_shards, backen
     if split == "train":
         flipped = errors(loader, epoch=1, flip_wrong=True)
         assert np.median([m for m, _ in flipped]) > 10 * mean_tol
+
+
+@pytest.mark.parametrize("backend", ["cpu", "nvjpeg", "dali"])
+def test_pixels_match_torchvision_at_each_size_of_a_resolution_ramp(coord_shards, backend):
+    """Progressive resizing: epoch 1 at 24 px and epoch 2 at 32 px, in one loader, each against
+    torchvision's transform at that epoch's size (train-exact tolerances), and the check still
+    sees a crop two output pixels off."""
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali", reason="the dali extra (nvidia-dali-cuda130) is not installed")
+    from pipeline import ResolutionSchedule
+
+    split, options, (mean_tol, max_tol) = MODES["train-exact"]
+    schedule = ResolutionSchedule(SIZE - 8, SIZE, start_epoch=1, end_epoch=2, step=8)
+    loader = create_loader(coord_shards, split=split, backend=backend, batch_size=5, image_size=schedule,
+                           device="cpu", workers=2, normalize=False, drop_last=False, seed=5, **options)
+    for epoch, size in ((1, SIZE - 8), (2, SIZE)):
+        loader.set_epoch(epoch)
+        assert next(iter(loader))[0].shape[-1] == size
+        got = errors(loader, epoch=epoch)
+        assert len(got) == 24
+        assert max(m for m, _ in got) <= mean_tol and max(x for _, x in got) <= max_tol, (epoch, got)
+        assert max(m for m, _ in errors(loader, epoch=epoch, shift_px=2.0)) > mean_tol
 
 
 def test_train_crops_differ_between_epochs_and_seeds(coord_shards):
@@ -127,25 +149,31 @@ def coord_cifar(tmp_path_factory):
     return base / "shards"
 
 
+@pytest.mark.parametrize("size", [32, 24])
 @pytest.mark.parametrize("split", ["train", "test"])
 @pytest.mark.parametrize("backend", ["cpu", "nvjpeg", "dali", "resident"])
-def test_padded_crops_are_torchvisions_random_crop_exactly(coord_cifar, backend, split):
-    """CIFAR's recipe: RandomCrop(32, padding=4) (zero fill) + flip; CenterCrop(32) at test."""
+def test_padded_crops_are_torchvisions_random_crop_exactly(coord_cifar, backend, split, size):
+    """CIFAR's recipe: RandomCrop(32, padding=4) (zero fill) + flip; CenterCrop(32) at test. Size 24:
+    epoch 2 of a resolution ramp (24 px, then 32 from epoch 3), whose buffers are sized for 32."""
     if backend == "dali":
         pytest.importorskip("nvidia.dali", reason="the dali extra (nvidia-dali-cuda130) is not installed")
     import torchvision.transforms.functional as F
 
-    loader = create_loader(coord_cifar, split=split, backend=backend, batch_size=4, image_size=32, device="cpu",
-                           workers=2, normalize=False, crop="padded", seed=8)
+    from pipeline import ResolutionSchedule
+
+    image_size = 32 if size == 32 else ResolutionSchedule(size, 32, start_epoch=2, end_epoch=3, step=8)
+    loader = create_loader(coord_cifar, split=split, backend=backend, batch_size=4, image_size=image_size,
+                           device="cpu", workers=2, normalize=False, crop="padded", seed=8)
     loader.set_epoch(2)
-    t = loader.cfg.transform
+    t = loader.cfg.transform_at(2)
+    assert t.size == size
     n = moved = 0
     for ids, (x, _) in zip(loader.batch_sample_ids(), collect(loader)):
         for sid, img in zip(ids, x):
             im = Image.open(io.BytesIO(bytes(SampleReader(loader.table).bytes(int(sid)))))
             boxes, flips = t.params(8, 2, [int(sid)], [[32, 32]])
             left, top = int(boxes[0, 0]), int(boxes[0, 1])
-            ref = F.crop(F.pad(im, 4), top + 4, left + 4, 32, 32)  # what RandomCrop(32, padding=4) does
+            ref = F.crop(F.pad(im, 4), top + 4, left + 4, size, size)  # what RandomCrop(size, padding=4) does
             ref = np.asarray(F.hflip(ref) if flips[0] else ref)
             assert np.array_equal(img.permute(1, 2, 0).numpy(), ref)
             n += 1

@@ -43,7 +43,8 @@ def test_tensorboard_holds_what_metrics_jsonl_holds(colour_shards, tmp_path):
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert {"loss", "lr", "img_s", "data_wait"} <= set(rows[0]) and any("val_acc1" in x for x in rows)
     got = scalars(run / "tensorboard")
-    assert set(got) == {"train/loss", "train/lr", "train/img_s", "train/data_wait", "val/acc1"}
+    assert set(got) == {"train/loss", "train/lr", "train/img_s", "train/data_wait", "val/acc1", "val/train_s",
+                        "train/image_size"}
     assert got == expected(rows)
     assert [s for s, _ in got["train/loss"]] == [2, 4, 6, 7] and [s for s, _ in got["val/acc1"]] == [7]
     from train.plot import main as plot_main

@@ -62,8 +62,10 @@ class TrainConfig:
                                        default=None)
     label_smoothing: float = opt("--label-smoothing", help="cross-entropy label smoothing", default=0.0)
     # -- our flags --------------------------------------------------------------------------
-    recipe: str = opt("--recipe", help="auto (from the shards' manifest), imagenet or cifar", default="auto",
-                      meta={"choices": ("auto", "imagenet", "cifar")})
+    recipe: str = opt("--recipe", help="auto (from the shards' manifest), imagenet, cifar, or fast (FFCV's "
+                      "time-to-accuracy bundle: progressive resizing, label smoothing, no BN/bias wd, BlurPool, "
+                      "test-time flip, linear schedule, eval above the train size)", default="auto",
+                      meta={"choices": ("auto", "imagenet", "cifar", "fast")})
     image_size: int = opt("--image-size", help="train crop size (default: the recipe's, 224 or 32)", default=0)
     val_split: str = opt("--val-split", help="split to evaluate on (default: the recipe's, val or test)", default="")
     min_crop_scale: float = opt("--min-crop-scale", help="RandomResizedCrop's smallest area, as a fraction (0.08)",
@@ -79,6 +81,22 @@ class TrainConfig:
     cuda_graph: bool = opt("--cuda-graph", help="CUDA graphs through torch.compile(mode='reduce-overhead')",
                            default=False)
     no_bn_wd: bool = opt("--no-bn-wd", help="no weight decay on BatchNorm and bias", default=False)
+    # -- time to accuracy (the fast recipe's parts, each its own flag) --------------------------
+    schedule: str = opt("--schedule", help="lr after the warm-up: cosine (the seed's) or linear decay to 0",
+                        default="cosine", meta={"choices": ("cosine", "linear")})
+    blurpool: bool = opt("--blurpool", help="anti-aliased downsampling (BlurPool) before the strided convs",
+                         default=False)
+    tta_flip: bool = opt("--tta-flip", help="evaluate on each image and its mirror (mean of logits)", default=False)
+    val_size: int = opt("--val-size", help="val crop size (default: the recipe's; --image-size, or x 256/224 for "
+                        "fast)", default=0)
+    start_image_size: int = opt("--start-image-size", help="progressive resizing: the first epochs' train size, "
+                                "ramping to --image-size (0: none; fast: about 0.7 x --image-size)", default=0)
+    ramp_start_epoch: int = opt("--ramp-start-epoch", help="progressive resizing: the last epoch at the start "
+                                "size (default 70 %% of --epochs)", default=-1)
+    ramp_end_epoch: int = opt("--ramp-end-epoch", help="progressive resizing: the first epoch at --image-size "
+                              "(default 85 %% of --epochs)", default=-1)
+    size_step: int = opt("--size-step", help="progressive resizing: sizes are multiples of this (default 32, "
+                         "or 8 below 128 px)", default=0)
     backend: str = opt("--backend", help="loader backend: auto, cpu, nvjpeg, dali or synthetic", default="auto")
     synthetic: bool = opt("--synthetic", "--dummy", help="synthetic data (model speed alone)", default=False)
     max_steps: int = opt("--max-steps", help="stop after N optimizer steps (0: no limit)", default=0)
@@ -175,6 +193,16 @@ def validate(cfg: TrainConfig, given: set[str]) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
     if "image_size" in given and cfg.image_size < 8:
         raise UsageError("--image-size must be >= 8")
+    for name in ("val_size", "start_image_size"):
+        if name in given and getattr(cfg, name) < 8:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 8")
+    for name in ("ramp_start_epoch", "ramp_end_epoch"):
+        if name in given and getattr(cfg, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0")
+    if {"ramp_start_epoch", "ramp_end_epoch"} <= given and cfg.ramp_start_epoch > cfg.ramp_end_epoch:
+        raise UsageError(f"--ramp-start-epoch {cfg.ramp_start_epoch} is after --ramp-end-epoch {cfg.ramp_end_epoch}")
+    if "size_step" in given and cfg.size_step < 1:
+        raise UsageError("--size-step must be >= 1")
     for name in ("workers", "max_steps", "save_every", "start_epoch", "eval_every", "fetch_ahead",
                  "block_shuffle"):
         if getattr(cfg, name) < 0:

@@ -59,7 +59,7 @@ def setup_logging(output: Path | None, rank: int) -> logging.Logger:
 
 # metrics.jsonl key -> TensorBoard tag (train/ and val/ become two groups of charts).
 TENSORBOARD_TAGS = {"loss": "train/loss", "lr": "train/lr", "img_s": "train/img_s", "data_wait": "train/data_wait",
-                    "val_acc1": "val/acc1"}
+                    "val_acc1": "val/acc1", "train_s": "val/train_s", "image_size": "train/image_size"}
 
 
 def summary_writer_class():

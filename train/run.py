@@ -37,12 +37,16 @@ FPS_SKIP_STEPS = 5  # the seed leaves the first steps (allocator and cuDNN warm-
 
 
 def lr_at(cfg: TrainConfig, epoch_float: float) -> float:
-    """The seed's schedule at a fractional epoch: linear warmup, then cosine to zero."""
+    """The lr at a fractional epoch: linear warmup, then cosine to zero (the seed's), or with
+    --schedule linear a straight line to zero (FFCV's triangular schedule)."""
     w = cfg.warm_up_epochs
     if w > 0 and epoch_float < w:
         return cfg.lr * (epoch_float + 1) / (w + 1)
     span = max(cfg.epochs - w, 1e-9)
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(epoch_float - w, span) / span))
+    done = min(epoch_float - w, span) / span
+    if getattr(cfg, "schedule", "cosine") == "linear":  # (callers may pass any object with lr, epochs, warm-up)
+        return cfg.lr * (1 - done)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * done))
 
 
 def code_version() -> str:
@@ -114,20 +118,22 @@ def build_loaders(cfg: TrainConfig, device: Device, info: DistInfo, input_dtype:
     from pipeline import create_loader
 
     backend = "synthetic" if cfg.synthetic else cfg.backend
-    common = dict(image_size=cfg.image_size, device=str(device.torch_device), workers=cfg.workers, seed=cfg.seed,
+    common = dict(device=str(device.torch_device), workers=cfg.workers, seed=cfg.seed,
                   rank=info.rank, world_size=info.world, dtype=input_dtype, channels_last=True, crop=cfg.crop,
                   mean=cfg.mean, std=cfg.std, scale=(cfg.min_crop_scale, 1.0))
     if backend != "synthetic":  # object store shards: the node-local cache and the requests ahead
         common.update(cache_dir=cfg.cache_dir or None, cache_limit=cfg.cache_limit or None,
                       cache_fill=cfg.cache_fill, fetch_ahead=cfg.fetch_ahead)
     train_only = dict(block_shuffle=cfg.block_shuffle) if cfg.block_shuffle else {}
-    train = create_loader(cfg.shards, split="train", batch_size=cfg.batch_size, backend=backend, **common,
-                          **train_only)
+    # The train size is a function of the epoch (progressive resizing): every rank, and a resumed
+    # run, computes the same size for the same epoch. Val keeps its own size.
+    train = create_loader(cfg.shards, split="train", batch_size=cfg.batch_size, backend=backend,
+                          image_size=recipes.train_sizes(cfg), **common, **train_only)
     val = None
     if cfg.shards is not None and backend != "synthetic":
         try:
             val = create_loader(cfg.shards, split=cfg.val_split, batch_size=cfg.batch_size, backend=backend,
-                                val_resize=cfg.val_resize, **common)
+                                image_size=cfg.val_size or cfg.image_size, val_resize=cfg.val_resize, **common)
         except MissingSplit as e:  # a dataset without val trains without evaluation, and says so; a val
             if info.main:          # split that exists but cannot be read is an error (ShardError) naming it
                 print(f"warning: no {cfg.val_split} split ({e}); training without evaluation", file=sys.stderr)
@@ -143,9 +149,12 @@ def num_classes(loader) -> int:
     return n
 
 
-def validate(model, loader, criterion, precision: Precision, info: DistInfo, log) -> tuple[float, float]:
+def validate(model, loader, criterion, precision: Precision, info: DistInfo, log,
+             tta_flip: bool = False) -> tuple[float, float]:
     """Top-1/top-5 over the val split, every sample counted once across ranks, with rank 0's
-    BatchNorm statistics on every rank."""
+    BatchNorm statistics on every rank. With `tta_flip`, each image's logits are averaged with its
+    mirror's (FFCV's test-time augmentation sums them: the same prediction, and a loss on the
+    usual scale)."""
     dev = next(model.parameters()).device
     if info.world > 1:
         # DDP runs with broadcast_buffers=False, so each rank's running statistics drift apart.
@@ -165,6 +174,8 @@ def validate(model, loader, criterion, precision: Precision, info: DistInfo, log
             if not len(y):
                 continue  # a rank past the end of a split smaller than the world: its mean loss would be NaN
             out = model(x).float()
+            if tta_flip:
+                out = (out + model(x.flip(3)).float()) / 2
             c1, c5 = topk_correct(out, y)
             sums += torch.stack([c1.double(), c5.double(), criterion(out, y).double() * len(y),
                                  torch.tensor(float(len(y)), dtype=torch.float64, device=dev)])
@@ -230,7 +241,8 @@ def train(cfg: TrainConfig, spawn_index: int | None = None) -> dict:
     precision = Precision(opt_level, amp_dtype, cfg.loss_scale, device.kind)
     train_loader, val_loader = build_loaders(cfg, device, info, precision.input_dtype)
     model, optimizer, opt_name = build(cfg.arch, num_classes(train_loader), device, precision, cfg.lr, cfg.momentum,
-                                       cfg.weight_decay, cfg.no_bn_wd, cfg.optimizer, seed=cfg.seed, stem=cfg.stem)
+                                       cfg.weight_decay, cfg.no_bn_wd, cfg.optimizer, seed=cfg.seed, stem=cfg.stem,
+                                       blurpool=cfg.blurpool)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     bare = model
     if info.world > 1:
@@ -278,14 +290,19 @@ def train(cfg: TrainConfig, spawn_index: int | None = None) -> dict:
         log.info(notice)
 
     if cfg.evaluate:
-        acc1, acc5 = validate(bare, val_loader, criterion, precision, info, log) if val_loader else (0.0, 0.0)
+        acc1, acc5 = validate(bare, val_loader, criterion, precision, info, log, cfg.tta_flip) if val_loader \
+            else (0.0, 0.0)
         return {"acc1": acc1, "acc5": acc5, "fps": 0.0, "epochs": 0, "opt_level": opt_level, "device": device}
 
     fps, acc1 = 0.0, 0.0
     epoch = start_epoch
     stop = False
+    train_s = 0.0  # wall seconds in training epochs (not evaluation) in this process: time to accuracy
     for epoch in range(start_epoch, cfg.epochs):
         train_loader.set_epoch(epoch)
+        if epoch == start_epoch or train_loader.image_size != recipes.train_sizes(cfg).size(epoch - 1):
+            log.info(f"=> epoch {epoch}: train images {train_loader.image_size} px")
+        epoch_t0 = time.perf_counter()
         first = train_loader.state_dict()["batch"]  # > 0 when resuming mid-epoch
         epoch_steps = len(train_loader)  # fewer when the world size changed mid-epoch: what is left of it
         # The LR follows the epoch's samples: those that other world sizes ran of it (0 but after a
@@ -352,14 +369,16 @@ def train(cfg: TrainConfig, spawn_index: int | None = None) -> dict:
                 stop = True
                 break
         device.synchronize()
+        train_s += time.perf_counter() - epoch_t0
         if fps_t0 is not None and fps_steps > 0:
             fps = world_batch * fps_steps / (time.perf_counter() - fps_t0)
             log.info(f"[{device.kind} id: {device.index or 0}] batch_size: {world_batch} "
                      f"Time: {world_batch / fps:.3f} * FPS@all {fps:.3f}")
         last = epoch + 1 == cfg.epochs or stop
         if val_loader is not None and (last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
-            acc1, _ = validate(bare, val_loader, criterion, precision, info, log)
-            metrics.write(step=step, epoch=epoch, val_acc1=acc1)
+            acc1, _ = validate(bare, val_loader, criterion, precision, info, log, cfg.tta_flip)
+            metrics.write(step=step, epoch=epoch, val_acc1=acc1, train_s=round(train_s, 3),
+                          image_size=train_loader.image_size)
         is_best = acc1 > best_acc1
         best_acc1 = max(acc1, best_acc1)
         if info.main:

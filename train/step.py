@@ -19,9 +19,9 @@ def cifar_stem(model: torch.nn.Module) -> torch.nn.Module:
 
 def build(arch: str, num_classes: int, device: Device, precision: Precision, lr: float, momentum: float,
           weight_decay: float, no_bn_wd: bool = False, optimizer: str = "fused", channels_last: bool = True,
-          seed: int = 49, stem: str = "imagenet"):
-    """(model, optimizer, optimizer name): a torchvision model (with the CIFAR stem if asked),
-    seeded, on the device, in the precision's weight dtype, with an SGD over its (master)
+          seed: int = 49, stem: str = "imagenet", blurpool: bool = False):
+    """(model, optimizer, optimizer name): a torchvision model (with the CIFAR stem and BlurPool if
+    asked), seeded, on the device, in the precision's weight dtype, with an SGD over its (master)
     parameters."""
     import torchvision
 
@@ -29,6 +29,10 @@ def build(arch: str, num_classes: int, device: Device, precision: Precision, lr:
     model = torchvision.models.__dict__[arch](num_classes=num_classes)
     if stem == "cifar":
         model = cifar_stem(model)
+    if blurpool:
+        from .blurpool import apply_blurpool
+
+        apply_blurpool(model)
     model = precision.prepare_model(model, device.torch_device, channels_last)
     opt, name = build_sgd(precision.optimizer_params(model, no_bn_wd, weight_decay), lr, momentum, weight_decay,
                           device, optimizer)
