@@ -135,6 +135,15 @@ class SampleReader:
             out.update({int(sid): (b, int(t.label[sid])) for sid, b in zip(rows.tolist(), blobs)})
         return out
 
+    def mapped(self, ids) -> bool:
+        """Whether every shard of samples `ids` is mapped here from the node-local cache, so that
+        `fetch` needs no request (as far as this process knows: an eviction since is found by `fetch`)."""
+        t = self.table
+        if t.cache is None:
+            return False
+        with self._lock:
+            return all(int(s) in self._maps for s in np.unique(t.shard[np.asarray(ids, np.int64)]))
+
     def _cached_map(self, s: int) -> mmap.mmap | None:
         """The node-local cached copy of shard `s`, mapped; None while it is not cached (with the
         cache's `wait`, only once its download failed or found no room)."""

@@ -405,7 +405,9 @@ class CacheFiller:
                 last = int(self.needs[s][-1])
                 if last < pos:
                     break  # the plan has passed it
-                if self.cache.fill(s, keep=self.needed_by(pos, last)) != NO_ROOM:
+                # Without a limit nothing is evicted: skip working out what the plan still needs.
+                keep = self.needed_by(pos, last) if self.cache.limit is not None else None
+                if self.cache.fill(s, keep=keep) != NO_ROOM:
                     break
                 self._stopped.wait(self.POLL_S)
 

@@ -78,7 +78,8 @@ def _serve_ahead(decoder: BatchDecoder, img_np, lab_np, tasks, results, ahead: i
     """_serve for shards in object storage, hiding the requests' latency: while this worker decodes
     one batch, the range requests of up to `ahead` more batches it has taken are in flight. It takes
     a further task only when one is queued (never blocking while it holds one: the consumer may be
-    waiting for that batch), so an idle worker still gets the next task first."""
+    waiting for that batch), so an idle worker still gets the next task first, and none after a
+    batch whose shards are all mapped from the node-local cache (it needs no request)."""
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
@@ -95,6 +96,11 @@ def _serve_ahead(decoder: BatchDecoder, img_np, lab_np, tasks, results, ahead: i
                     stopping = True
                     break
                 raw = task[5]
+                if raw is None and decoder.samples.mapped(task[4]):
+                    # All its shards are in the node-local cache, mapped here: no request to hide. Take
+                    # no more ahead, as a local copy's worker, so an idle worker gets the next batch.
+                    pending.append((task, None))
+                    break
                 pending.append((task, None if raw is not None else pool.submit(decoder.samples.fetch, task[4])))
             if not pending:
                 return

@@ -369,3 +369,47 @@ def test_a_cache_smaller_than_the_dataset_never_passes_its_limit(s3_proxy, bucke
         loader.close()
         local.close()
     assert ranged_later[1] < ranged_later[0] / 2, ranged_later
+
+
+class _Reader:
+    """A sample reader whose shards are all mapped from the cache (`mapped`) or none are."""
+
+    def __init__(self, mapped: bool):
+        self.is_mapped, self.fetched = mapped, []
+
+    def mapped(self, ids) -> bool:
+        return self.is_mapped
+
+    def fetch(self, ids):
+        self.fetched.append(list(ids))
+        return {int(i): (b"", 0) for i in ids}
+
+
+class _Decoder:
+    def __init__(self, mapped: bool):
+        self.samples = _Reader(mapped)
+
+    def decode_batch(self, epoch, ids, images, labels, raw):
+        return {"read_s": 0.0}
+
+
+@pytest.mark.parametrize("mapped", [True, False])
+def test_a_worker_fetches_ahead_only_what_needs_requests(mapped):
+    """A batch whose shards are all mapped from the cache needs no request: the worker takes it as a
+    local copy's worker does (one task at a time, no fetch thread), so a busy worker never holds
+    batches an idle one could decode; a batch that needs range requests is fetched ahead."""
+    import queue
+
+    from pipeline.workers import _serve_ahead
+
+    tasks, results = queue.Queue(), queue.Queue()
+    for seq in range(4):
+        tasks.put(("t", seq, 0, 1, [seq], None))
+    tasks.put(None)
+    decoder = _Decoder(mapped)
+    img, lab = np.zeros((1, 1), np.uint8), np.zeros(1, np.int64)
+    _serve_ahead(decoder, img, lab, tasks, results, ahead=2)
+    answers = [results.get_nowait() for _ in range(4)]
+    assert [a[1] for a in answers] == [0, 1, 2, 3] and all(a[4] is None for a in answers)
+    # Ahead fetches go through `fetch`; a mapped batch's bytes are read when it is decoded.
+    assert decoder.samples.fetched == ([] if mapped else [[0], [1], [2], [3]])
