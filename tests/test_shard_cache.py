@@ -389,6 +389,9 @@ class _Decoder:
     def __init__(self, mapped: bool):
         self.samples = _Reader(mapped)
 
+    def size_at(self, epoch) -> int:
+        return 2  # the host slot's own size: no progressive resizing here
+
     def decode_batch(self, epoch, ids, images, labels, raw):
         return {"read_s": 0.0}
 
@@ -407,7 +410,7 @@ def test_a_worker_fetches_ahead_only_what_needs_requests(mapped):
         tasks.put(("t", seq, 0, 1, [seq], None))
     tasks.put(None)
     decoder = _Decoder(mapped)
-    img, lab = np.zeros((1, 1), np.uint8), np.zeros(1, np.int64)
+    img, lab = np.zeros((1, 1, 2, 2, 3), np.uint8), np.zeros((1, 1), np.int64)  # one slot of one 2 px image
     _serve_ahead(decoder, img, lab, tasks, results, ahead=2)
     answers = [results.get_nowait() for _ in range(4)]
     assert [a[1] for a in answers] == [0, 1, 2, 3] and all(a[4] is None for a in answers)
