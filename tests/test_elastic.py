@@ -220,7 +220,7 @@ def test_a_run_stopped_at_one_world_size_goes_on_at_another(shards, tmp_path, ol
     loss, val = curve(out)
     assert sorted(loss) == list(range(1, stop + left + 1)) and sorted(val) == [stop, stop + left]  # --max-steps: val
     # The LR at each step is the schedule's at the fraction of the epoch's samples used before it.
-    cfg = SimpleNamespace(lr=0.02, warm_up_epochs=0, epochs=1)
+    cfg = SimpleNamespace(lr=0.02, warm_up_epochs=0, epochs=1, schedule="cosine")  # ARGS: the default schedule
     want = [lr_at(cfg, s / spe_old) for s in range(stop)]
     want += [lr_at(cfg, (offset / (new * 4) + s) / spe_new) for s in range(left)]
     assert [r["lr"] for r in rows(out) if "loss" in r] == pytest.approx(want, rel=1e-12)

@@ -44,7 +44,7 @@ def lr_at(cfg: TrainConfig, epoch_float: float) -> float:
         return cfg.lr * (epoch_float + 1) / (w + 1)
     span = max(cfg.epochs - w, 1e-9)
     done = min(epoch_float - w, span) / span
-    if getattr(cfg, "schedule", "cosine") == "linear":  # (callers may pass any object with lr, epochs, warm-up)
+    if cfg.schedule == "linear":
         return cfg.lr * (1 - done)
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * done))
 
@@ -298,9 +298,10 @@ def train(cfg: TrainConfig, spawn_index: int | None = None) -> dict:
     epoch = start_epoch
     stop = False
     train_s = 0.0  # wall seconds in training epochs (not evaluation) in this process: time to accuracy
+    train_sizes = recipes.train_sizes(cfg)
     for epoch in range(start_epoch, cfg.epochs):
         train_loader.set_epoch(epoch)
-        if epoch == start_epoch or train_loader.image_size != recipes.train_sizes(cfg).size(epoch - 1):
+        if epoch == start_epoch or train_loader.image_size != train_sizes.size(epoch - 1):
             log.info(f"=> epoch {epoch}: train images {train_loader.image_size} px")
         epoch_t0 = time.perf_counter()
         first = train_loader.state_dict()["batch"]  # > 0 when resuming mid-epoch
