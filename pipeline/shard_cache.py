@@ -125,12 +125,7 @@ class ShardCache:
         return self.root / (self.name(s)[:-4] + ".ok")
 
     def _lock_path(self, s: int) -> Path:
-        return self._lock_of(self.name(s))
-
-    def _lock_of(self, name: str) -> Path:
-        """The lock file of a cached shard's own file (`shard-<hash>.tar`, its `.reserve` or
-        `.partial`, dotted or not)."""
-        return self.root / (name.lstrip(".").split(".", 1)[0] + ".lock")
+        return self.root / (self.name(s)[:-4] + ".lock")
 
     # -- reading ----------------------------------------------------------------------------------
     def local(self, s: int) -> Path | None:
@@ -286,8 +281,12 @@ class ShardCache:
     def _reserved(self, name: str) -> int:
         """The bytes a reservation holds while its download runs (its shard's lock is held); a dead
         process's is deleted."""
-        with self._held(self._lock_of(name), block=False) as held:
-            if not held:
+        lock = self.root / (name[1:-len(".reserve")] + ".lock")
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
                 try:
                     return int((self.root / name).read_text() or 0)
                 except (OSError, ValueError):
@@ -295,17 +294,25 @@ class ShardCache:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.root / name)  # its downloader died
             return 0
+        finally:
+            os.close(fd)
 
     def _evict(self, name: str) -> bool:
         """Delete a cached shard of this folder unless another process holds its lock."""
-        with self._held(self._lock_of(name), block=False) as held:
-            if not held:
+        lock = self.root / (name[:-4] + ".lock")
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
                 return False
             for victim in (name[:-4] + ".ok", name):  # the stamp first: a tar without one is rechecked
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.root / victim)
             log.info("cache: evicted %s", name)
             return True
+        finally:
+            os.close(fd)
 
     def _delete(self, s: int) -> None:
         for p in (self._stamp(s), self.path(s)):
@@ -313,15 +320,10 @@ class ShardCache:
                 p.unlink()
 
     # -- locks and housekeeping -------------------------------------------------------------------
+    @contextlib.contextmanager
     def _locked(self, s: int, block: bool):
         """Hold shard `s`'s lock; yields whether it is held (False: another process has it)."""
-        return self._held(self._lock_path(s), block)
-
-    @staticmethod
-    @contextlib.contextmanager
-    def _held(lock: Path, block: bool):
-        """Hold the flock on file `lock` (created if missing); yields whether it is held."""
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self._lock_path(s), os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
@@ -353,10 +355,17 @@ class ShardCache:
         for entry in self._own_entries():
             if not entry.name.endswith(".tar.partial"):
                 continue
-            with self._held(self._lock_of(entry.name), block=False) as held:
-                if held:  # else it is being downloaded now
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(entry.path)
+            lock = self.root / (entry.name[1:-len(".tar.partial")] + ".lock")
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # being downloaded now
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+            finally:
+                os.close(fd)
 
 
 class CacheFiller:
