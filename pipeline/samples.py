@@ -169,15 +169,11 @@ class SampleReader:
             return None  # evicted since: read by range
         cache.touch(s)
         with self._lock:
+            self._maps[s] = mm
             self._inodes[s] = inode
-            self._keep_map(s, mm)
+            while len(self._maps) > self.max_open:
+                _release(self._maps.popitem(last=False)[1])
         return mm
-
-    def _keep_map(self, s: int, mm: mmap.mmap) -> None:
-        """(Lock held.) Keep shard `s`'s map as the newest, unmapping the oldest beyond `max_open`."""
-        self._maps[s] = mm
-        while len(self._maps) > self.max_open:
-            _release(self._maps.popitem(last=False)[1])
 
     def bytes(self, sid: int, raw: dict | None = None):
         """The image member of sample `sid`: a view of its mapped shard, or from `raw` (streamed),
@@ -193,8 +189,9 @@ class SampleReader:
         with self._lock:
             mm = self._maps.get(s)
             if mm is None:
-                mm = self._open(s)
-                self._keep_map(s, mm)
+                mm = self._maps[s] = self._open(s)
+                while len(self._maps) > self.max_open:
+                    _release(self._maps.popitem(last=False)[1])
             else:
                 self._maps.move_to_end(s)
             if off + n > len(mm):
