@@ -193,7 +193,9 @@ class ShardCache:
                             self.urls[s], objstore.describe(e))
                 return FAILED
             finally:
-                with contextlib.suppress(FileNotFoundError):
+                # Under the folder's lock: a room count lists the folder and then reads the
+                # reservations, and this download's file may have landed after the listing.
+                with self._dir_lock(), contextlib.suppress(FileNotFoundError):
                     self._reservation(s).unlink()
             self._write_stamp(s)
             return CACHED

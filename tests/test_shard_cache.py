@@ -371,6 +371,51 @@ def test_a_cache_smaller_than_the_dataset_never_passes_its_limit(s3_proxy, bucke
     assert ranged_later[1] < ranged_later[0] / 2, ranged_later
 
 
+def test_a_download_landing_while_room_is_counted_still_counts(tmp_path, monkeypatch):
+    """A download that lands (its file renamed into place, its reservation deleted) between another
+    thread's listing of the folder and its reading of the reservations must count once, not vanish
+    from both: else the other thread takes the room and the cache passes its limit. The race is
+    forced: shard 0's download lands only after shard 1's room count has listed the folder."""
+    import threading
+
+    from pipeline import shard_cache as sc
+
+    urls = ["s3://b/0.tar", "s3://b/1.tar"]
+    cache = ShardCache(tmp_path, limit=1500, urls=urls, sizes=[1000, 1000])
+    downloading, listed = threading.Event(), threading.Event()
+
+    def get_file(url, local_path, check=None):
+        tmp = Path(local_path).with_name("." + Path(local_path).name + ".partial")
+        tmp.write_bytes(b"x" * 1000)
+        if url == urls[0]:
+            downloading.set()
+            assert listed.wait(10)
+        os.replace(tmp, local_path)
+
+    own_entries = ShardCache._own_entries
+
+    def listing_then_landing(self):
+        entries = own_entries(self)
+        if downloading.is_set() and threading.current_thread() is threading.main_thread():
+            listed.set()
+            reservation = cache._reservation(0)
+            deadline = time.monotonic() + 2
+            while reservation.exists() and time.monotonic() < deadline:  # shard 0 lands now, if it can
+                time.sleep(0.01)
+        return entries
+
+    monkeypatch.setattr(sc.objstore, "get_file", get_file)
+    first = {}
+    filler = threading.Thread(target=lambda: first.setdefault("fill", cache.fill(0)))
+    filler.start()
+    assert downloading.wait(10)
+    monkeypatch.setattr(ShardCache, "_own_entries", listing_then_landing)
+    assert cache.fill(1) == sc.NO_ROOM
+    filler.join(10)
+    assert first["fill"] == sc.CACHED
+    assert sum(cached_files(tmp_path).values()) <= 1500, cached_files(tmp_path)
+
+
 class _Reader:
     """A sample reader whose shards are all mapped from the cache (`mapped`) or none are."""
 
