@@ -71,7 +71,7 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=7", "matplotlib>=3.7", "scikit-image>=0.19", "atheris>=2.3; sys_platform == 'linux'",
+        "test": ["pytest>=7", "pytest-xdist>=3.5", "matplotlib>=3.7", "scikit-image>=0.19", "atheris>=2.3; sys_platform == 'linux'",
                  "pyarrow>=12", "s3fs>=2024.2", "moto[server]>=5.0",  # S3 tests: moto's server on loopback
                  "tensorboard"],
         "bench": ["matplotlib>=3.7", "scikit-image>=0.19"],  # photos for benchmarks.photos

@@ -61,7 +61,8 @@ $PY -c "import kernels._jpeg" 2>/dev/null || echo "note: kernels._jpeg unavailab
 } | tee "$WORK/machine.txt"
 
 step "GPU tests"
-timeout "$(limit 150)" $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_kernels.py > "$WORK/tests.log" 2>&1
+# In one process, whatever pytest.ini asks: the GPU image has no pytest-xdist, and one GPU is shared.
+timeout "$(limit 150)" $PY -m pytest -q -p no:cacheprovider -o addopts="" tests/test_gpu.py tests/test_kernels.py > "$WORK/tests.log" 2>&1
 tail -1 "$WORK/tests.log"
 
 step "loader alone, $(( CLASSES * PER_CLASS )) ImageNet-like JPEGs, per backend"

@@ -369,15 +369,36 @@ def descendants(pid: int) -> set[int]:
     return out
 
 
+# -- parallel runs (pytest-xdist; pytest.ini asks for -n auto) ------------------------------------
+
+def pytest_xdist_auto_num_workers(config):
+    """One worker per core, at most 4: each worker's tests start multi-process trainings of their own."""
+    return max(1, min(4, len(os.sched_getaffinity(0))))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "fault_cell(phase, fault, verdict): one cell of the fault matrix "
+                                       "(below); `verdict` is what it asserts (continues / stops)")
+    _share_the_cores()
+
+
+def _share_the_cores() -> None:
+    """In an xdist worker, torch gets its share of the cores, and so do the processes its tests start
+    (OMP_NUM_THREADS, unless set): workers each running a thread on every core oversubscribe them,
+    and OpenMP threads spinning on a taken core slow every worker."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        import torch
+
+        threads = max(1, len(os.sched_getaffinity(0)) // workers)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
 # -- the fault matrix (test_fault_matrix.py): each cell's verdict, printed after the run ---------
 
 # (phase, fault) -> (verdict, why it failed), in collection order.
 FAULT_MATRIX: dict[tuple[str, str], tuple[str, str]] = {}
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "fault_cell(phase, fault, verdict): one cell of the fault matrix; "
-                                       "`verdict` is what it asserts (continues / stops)")
 
 
 def pytest_collection_finish(session):
@@ -388,6 +409,8 @@ def pytest_collection_finish(session):
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
+    """A fault cell's verdict rides on its report, so it reaches the process that prints the
+    matrix (pytest-xdist's controller, or this one)."""
     outcome = yield
     marker = item.get_closest_marker("fault_cell")
     if marker is None:
@@ -396,11 +419,21 @@ def pytest_runtest_makereport(item, call):
     phase, fault, verdict = marker.args
     if report.failed:
         why = str(call.excinfo.value).strip().splitlines()[0] if call.excinfo is not None else report.when
-        FAULT_MATRIX[(phase, fault)] = ("FAILS", f"{why[:160]}" + (" (in setup)" if report.when == "setup" else ""))
+        cell = ("FAILS", f"{why[:160]}" + (" (in setup)" if report.when == "setup" else ""))
     elif report.skipped:
-        FAULT_MATRIX[(phase, fault)] = ("skipped", "")
+        cell = ("skipped", "")
     elif report.when == "call":
-        FAULT_MATRIX[(phase, fault)] = (verdict, "")
+        cell = (verdict, "")
+    else:
+        return
+    report.user_properties.append(("fault_cell", [phase, fault, *cell]))
+
+
+def pytest_runtest_logreport(report):
+    for name, value in report.user_properties:
+        if name == "fault_cell":
+            phase, fault, verdict, why = value
+            FAULT_MATRIX[(phase, fault)] = (verdict, why)
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -183,7 +183,7 @@ def test_describe_names_cpu_cores_isa_torch_and_caps(tmp_path):
     assert isinstance(info["isa"]["onednn_bf16"], bool)
     assert info["torch"]["version"] == torch.__version__
     assert info["torch"]["build"] == (f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU only")
-    assert info["caps"] == {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}  # set ones only
+    assert info["caps"] == caps  # set ones only
     line = header(info)
     for part in ("machine: Intel(R) Xeon(R) Platinum 8480+", f"{os.cpu_count()} cores", "AMX bf16 [",
                  f"torch kernels {torch.backends.cpu.get_cpu_capability()}", f"torch {torch.__version__}",
@@ -196,16 +196,17 @@ def test_describe_names_cpu_cores_isa_torch_and_caps(tmp_path):
 def test_machine_cli_records_the_avx2_cap(tmp_path):
     """Under ATEN_CPU_CAPABILITY=avx2 torch dispatches to AVX2 kernels, and the description says so,
     next to the CPU's own level."""
-    from benchmarks.machine import isa_level, parse_cpuinfo
+    from benchmarks.machine import CAP_VARS, isa_level, parse_cpuinfo
 
     out = tmp_path / "m.json"
-    r = run_module("benchmarks.machine", "--json", out,
-                   env={"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"})
+    caps = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    # Only these caps: none from the machine running the tests (pytest's workers set OMP_NUM_THREADS).
+    r = run_module("benchmarks.machine", "--json", out, env={**dict.fromkeys(CAP_VARS, ""), **caps})
     assert r.returncode == 0, r.stderr
     info = json.loads(out.read_text())
     assert info["isa"]["torch"] == "AVX2"
     assert info["isa"]["cpu"] == isa_level(parse_cpuinfo(open("/proc/cpuinfo").read())[1])
-    assert info["caps"] == {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    assert info["caps"] == caps
     assert r.stdout.startswith("machine: ") and "torch kernels AVX2" in r.stdout
     assert "caps ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2" in r.stdout
 

@@ -7,7 +7,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ import pytest
 import torch
 
 from conftest import ROOT, descendants, proc_state
-from s3_server import env_for
+from s3_server import env_for, free_port
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; gloo on loopback")
 
@@ -38,12 +37,6 @@ TIMEOUT_S = 300
 def shards(colour_shards) -> str:
     """Where every run here reads its shards: the one place to point them at another store."""
     return str(colour_shards)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(port: int, *, nnodes: int = 1, nproc: int = 2, max_restarts: int = 0) -> list[str]:

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from conftest import ROOT
+from s3_server import free_port
 
 TINY = ["--device=cpu", "--arch", "resnet18", "--image-size", "32", "--stem", "imagenet", "--epochs", "1",
         "--workers", "1", "--print-freq", "2", "--loss-scale", "dynamic"]
@@ -45,14 +46,14 @@ def test_performance_1p_script(colour_shards, clean_output):
 
 def test_full_8p_and_eval_8p_scripts_with_two_processes(colour_shards, clean_output):
     r = run_script("train_full_8p.sh", f"--data_path={colour_shards}", "--nproc=2", *TINY, "--batch-size", "6",
-                   env_extra={"MASTER_PORT": "29741"})
+                   env_extra={"MASTER_PORT": str(free_port())})
     assert r.returncode == 0, r.stdout + r.stderr
     acc = float(final(r.stdout, "Train Accuracy"))
     assert 0.0 <= acc <= 100.0
     ckpt = clean_output / "full_8p" / "checkpoint.pth.tar"
     assert ckpt.is_file()
     e = run_script("train_eval_8p.sh", f"--data_path={colour_shards}", "--nproc=2", f"--resume={ckpt}", *TINY,
-                   "--batch-size", "6", env_extra={"MASTER_PORT": "29742"})
+                   "--batch-size", "6", env_extra={"MASTER_PORT": str(free_port())})
     assert e.returncode == 0, e.stdout + e.stderr
     assert float(final(e.stdout, "Train Accuracy")) == acc  # same weights, same val set, counted once
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import ROOT, run_cli
+from s3_server import free_port
 from convert.imagenet_to_shards import convert
 from convert.synthetic import SyntheticConfig, generate
 from train.devices import Device
@@ -273,7 +274,7 @@ def test_torchrun_two_ranks_train_and_evaluate_like_one(small_shards, tmp_path):
     common = ["--shards", str(small_shards), *BASE, "--image-size", "32", "--stem", "imagenet", "-b", "16",
               "--lr", "0.02", "-p", "2"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29731",
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                           "-m", "train.run", *common, "--epochs", "1", "--output", str(tmp_path / "ddp")],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -282,7 +283,7 @@ def test_torchrun_two_ranks_train_and_evaluate_like_one(small_shards, tmp_path):
     assert f"Epoch: [0][{cfg['steps_per_epoch']}/{cfg['steps_per_epoch']}]" in run.stdout
     ckpt = tmp_path / "ddp" / "checkpoint.pth.tar"
     one = run_cli("train.run", *common, "--evaluate", "--resume", ckpt, "--output", tmp_path / "e1", timeout=300)
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29732",
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                           "-m", "train.run", *common, "--evaluate", "--resume", str(ckpt), "--output",
                           str(tmp_path / "e2")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0 and two.returncode == 0, (one.stderr[-1000:], two.stderr[-2000:])
@@ -395,7 +396,7 @@ def test_plot_draws_curves(tmp_path):
 def test_seed_style_multiprocessing_distributed_launch(small_shards, tmp_path):
     r = run_cli("train.run", "--shards", small_shards, *BASE, "-b", "16", "--epochs", "1", "--max-steps", "3",
                 "-p", "1", "--multiprocessing-distributed", "--device-list", "0,1", "--dist-url",
-                "tcp://127.0.0.1:29733", "--output", tmp_path / "mpd", timeout=300)
+                f"tcp://127.0.0.1:{free_port()}", "--output", tmp_path / "mpd", timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     cfg = json.loads((tmp_path / "mpd" / "config.json").read_text())
     assert cfg["world_size_effective"] == 2
