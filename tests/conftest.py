@@ -376,6 +376,18 @@ def pytest_xdist_auto_num_workers(config):
     return max(1, min(4, len(os.sched_getaffinity(0))))
 
 
+# The modules that take longest (their subprocess trainings), longest first: run first, so that
+# no worker is left alone with one of them at the end. Only the order changes, never what runs.
+LONGEST_MODULES = ("test_elastic.py", "test_train.py", "test_scripts.py", "test_fault_matrix.py",
+                   "test_train_resume.py", "test_conformance.py", "test_loader_robustness.py",
+                   "test_shard_cache.py", "test_fast_recipe.py")
+
+
+def pytest_collection_modifyitems(items):
+    first = {name: i for i, name in enumerate(LONGEST_MODULES)}
+    items.sort(key=lambda item: first.get(item.path.name, len(first)))  # stable: the rest keep their order
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "fault_cell(phase, fault, verdict): one cell of the fault matrix "
                                        "(below); `verdict` is what it asserts (continues / stops)")
