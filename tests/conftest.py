@@ -249,12 +249,24 @@ def assert_resumes_exactly(make_loader, head_batches: int, through_json: bool = 
     return state
 
 
-def run_cli(module: str, *args, **kw):
+def run_cli(module: str, *args, warm: bool = False, env: dict[str, str] | None = None,
+            timeout: float | None = None, check: bool = False):
+    """`python -m module *args` in the project's root, as subprocess.run(capture_output=True,
+    text=True) runs it: a CompletedProcess (args, returncode, stdout, stderr), TimeoutExpired
+    after killing it. `env`: its whole environment (default: cli_env()).
+
+    With `warm`, the process is forked from a forker that has already imported torch, torchvision
+    and train.run (warm_forker), and runs the module as -m would: the exit status, output, argv
+    and environment are the same, without the seconds of imports. For tests whose subject is what
+    the command does, not how the interpreter starts: a flag or variable read at startup
+    (IMPORT_TIME_ENV_PREFIXES) gets a forker started with it, and startup itself needs cold."""
     import subprocess
 
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = cli_env() if env is None else env
+    if warm:
+        return _run_warm(module, args, env, timeout, check)
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=ROOT, **kw)
+                          env=env, cwd=ROOT, timeout=timeout, check=check)
 
 
 # -- object storage: moto's S3 server on loopback (tests/s3_server.py) ---------------------------
@@ -471,41 +483,125 @@ def pytest_terminal_summary(terminalreporter):
 # -- processes that start warm: forked from one that has done the imports ---------------------------
 
 _FORKER_SOURCE = r"""
-import importlib, json, os, resource, sys, traceback
+import atexit, ctypes, importlib, json, os, resource, runpy, signal, sys, threading, traceback
 setup, preload = json.loads(sys.argv[1])
+
+
+def native_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+# numpy's OpenBLAS starts its pool when it loads, and stops it before a fork (pthread_atfork):
+# those threads are the baseline. A fork copies only the thread that calls it: any other thread
+# the imports start (an OpenMP pool, a CUDA context, an I/O loop) would be missing in every
+# child, with whatever lock it held.
+import numpy
+openblas = native_threads() - 1
 for name in preload:
     importlib.import_module(name)
 exec(setup)
+print(json.dumps({"threads": native_threads() - openblas, "python_threads": threading.active_count()}), flush=True)
+running = set()
+
+
+def as_python_exits(e: SystemExit) -> int:
+    # What the interpreter does with a SystemExit that reaches the top: None 0, an int itself,
+    # anything else printed to stderr and 1.
+    if e.code is None:
+        return 0
+    if isinstance(e.code, int):
+        return e.code
+    print(e.code, file=sys.stderr)
+    return 1
+
+
+def run_module(req) -> int:
+    # As `python -m MODULE ARGS` in a fresh interpreter: the module runs as __main__ (the preloaded
+    # copy is dropped from sys.modules, as -m never had it), argv[0] its file, sys.path[0] the
+    # working directory, the environment exactly the one asked for, numpy's and torch's default
+    # generators seeded afresh (a new interpreter seeds them from the OS; every child would
+    # otherwise share the forker's).
+    os.environ.clear()
+    os.environ.update(req["env"])
+    sys.argv = [req["module"], *req["argv"]]
+    sys.path[0] = os.getcwd()
+    sys.modules.pop(req["module"], None)
+    if "numpy.random" in sys.modules:
+        sys.modules["numpy.random"].seed()
+    if "torch" in sys.modules:  # a new interpreter's default generator starts from a random seed too
+        sys.modules["torch"].default_generator.seed()
+    try:
+        runpy.run_module(req["module"], run_name="__main__", alter_sys=True)
+        rc = 0
+    except SystemExit as e:
+        rc = as_python_exits(e)
+    except BaseException:
+        sys.excepthook(*sys.exc_info())
+        rc = 1
+    # The interpreter's shutdown: wait for non-daemon threads, run the atexit handlers.
+    threading._shutdown()
+    atexit._run_exitfuncs()
+    return rc
+
+
+def call_target(req) -> int:
+    os.environ.update(req["env"])
+    module, _, function = req["target"].partition(":")
+    try:
+        return getattr(importlib.import_module(module), function)(req["argv"]) or 0
+    except BaseException:
+        traceback.print_exc()
+        return 1
+
+
+def child(req) -> None:
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the forker
+    out = os.open(req["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    err = os.open(req["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) if req["stderr"] else out
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    os.dup2(out, 1)
+    os.dup2(err, 2)
+    rc = 1
+    try:
+        if req["cwd"]:
+            os.chdir(req["cwd"])
+        rc = run_module(req) if req["module"] else call_target(req)
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(rc & 0xFF)
+
+
 for line in sys.stdin:
     req = json.loads(line)
     if req["op"] == "start":
         pid = os.fork()
         if pid == 0:
-            log = os.open(req["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.dup2(log, 1)
-            os.dup2(log, 2)
-            os.environ.update(req["env"])
-            module, _, function = req["target"].partition(":")
-            try:
-                rc = getattr(importlib.import_module(module), function)(req["argv"])
-            except BaseException:
-                traceback.print_exc()
-                rc = 1
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(rc or 0)
+            child(req)
+        running.add(pid)
         reply = {"pid": pid}
     else:  # "reap": the exit status of a child that has ended
+        running.discard(req["pid"])
         reply = {"rc": os.waitstatus_to_exitcode(os.waitpid(req["pid"], 0)[1])}
     print(json.dumps(reply), flush=True)
+# Closed: no child outlives the forker.
+for pid in running:
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
 """
 
 
 class WarmChild:
     """A child of a Forker, with the part of subprocess.Popen's interface the tests use."""
 
-    def __init__(self, forker: "Forker", pid: int):
-        self.forker, self.pid, self.returncode = forker, pid, None
+    def __init__(self, forker: "Forker", pid: int, args: list[str] | None = None):
+        self.forker, self.pid, self.args, self.returncode = forker, pid, args, None
 
     def poll(self) -> int | None:
         if self.returncode is None and proc_state(self.pid) is None:  # ended (a zombie until reaped)
@@ -519,7 +615,7 @@ class WarmChild:
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.poll() is None:
             if deadline is not None and time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout)
+                raise subprocess.TimeoutExpired(self.args or f"pid {self.pid}", timeout)
             time.sleep(0.01)
         return self.returncode
 
@@ -536,17 +632,30 @@ class WarmChild:
 class Forker:
     """A Python process that imports `preload` (and runs `setup`) once, then forks a child for each
     `start`: a real process of its own (its pid can be SIGKILLed, its limits set), which starts
-    with the imports done instead of spending seconds on them, as `python -m` would. Children
-    call `target` ("module:function") with their argv, output to a log file, and exit with what
-    it returns (1 and a traceback if it raises)."""
+    with the imports done instead of spending seconds on them. A child either calls `target`
+    ("module:function") with its argv and exits with what it returns (1 and a traceback if it
+    raises), or, with `module`, runs it as `python -m module *argv` would (see run_cli).
 
-    def __init__(self, preload: list[str], setup: str = "", env: dict[str, str] | None = None):
+    Before forking the forker must only import: no torch op that starts the OpenMP pool, no CUDA,
+    no thread of any kind (a child gets only the forking thread; a lock another thread held stays
+    locked in it forever). The forker counts its threads after `preload` and `setup` and refuses
+    to start with more than one. Closing it (or its parent dying: its stdin ends) kills the
+    children still running; a child also dies with the forker (PR_SET_PDEATHSIG)."""
+
+    def __init__(self, preload: list[str], setup: str = "", env: dict[str, str] | None = None, *,
+                 replace_env: bool = False):
+        """`env`: the forker's environment, added to this process's (PYTHONPATH the project), or,
+        with `replace_env`, the whole of it."""
         import json
         import subprocess
 
+        self.env = dict(env or {}) if replace_env else {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
         self.proc = subprocess.Popen([sys.executable, "-c", _FORKER_SOURCE, json.dumps([setup, preload])],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
-                                     env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=self.env)
+        ready = self.proc.stdout.readline()
+        if not ready or json.loads(ready) != {"threads": 1, "python_threads": 1}:
+            self.close()
+            raise RuntimeError(f"the forker must hold one thread before it forks: {ready or 'it exited'}")
 
     def ask(self, request: dict) -> dict:
         import json
@@ -559,9 +668,108 @@ class Forker:
         return json.loads(line)
 
     def start(self, target: str, argv: list[str], log: Path, env: dict[str, str] | None = None) -> WarmChild:
-        return WarmChild(self, self.ask({"op": "start", "target": target, "argv": [str(a) for a in argv],
-                                         "log": str(log), "env": env or {}})["pid"])
+        """Fork a child that calls `target` ("module:function") with `argv`, stdout and stderr to
+        `log`, `env` on top of the forker's environment."""
+        return WarmChild(self, self.ask({"op": "start", "target": target, "module": None,
+                                         "argv": [str(a) for a in argv], "stdout": str(log), "stderr": None,
+                                         "env": env or {}, "cwd": None})["pid"])
+
+    def start_module(self, module: str, argv: list, stdout: Path, stderr: Path | None, env: dict[str, str],
+                     cwd: Path = ROOT) -> WarmChild:
+        """Fork a child that runs `python -m module *argv` (run_cli): stdout and stderr to their
+        files (stderr to stdout's when None), in `cwd`, with exactly `env` as its environment."""
+        argv = [str(a) for a in argv]
+        return WarmChild(self, self.ask({"op": "start", "target": None, "module": module, "argv": argv,
+                                         "stdout": str(stdout), "stderr": None if stderr is None else str(stderr),
+                                         "env": env, "cwd": str(cwd)})["pid"],
+                         [sys.executable, "-m", module, *argv])
 
     def close(self) -> None:
-        self.proc.stdin.close()
+        if self.proc.stdin and not self.proc.stdin.closed:
+            self.proc.stdin.close()
         self.proc.wait(30)
+
+
+# Read by the interpreter or a native library when it starts or loads (before the forker forks),
+# so a child keeps the forker's value whatever its own environment says: the interpreter's own
+# (PYTHONPATH, PYTHONHASHSEED, PYTHONWARNINGS, ...), OpenMP's and MKL's thread counts
+# (OMP_NUM_THREADS, MKL_NUM_THREADS, KMP_*, GOMP_*, OPENBLAS_*), the ISA that ATen and oneDNN
+# dispatch to (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, DNNL_MAX_CPU_ISA), the GPUs CUDA can see
+# (CUDA_VISIBLE_DEVICES, CUDA_*), the loader's (LD_PRELOAD, LD_LIBRARY_PATH), malloc's, and
+# torch's own TORCH*/PYTORCH_* settings (torch._dynamo's and inductor's configs read theirs when
+# torchvision imports them). A warm request whose value of any of these differs from a forker's
+# gets a forker of its own, started with that environment: never a child that silently ignores it.
+IMPORT_TIME_ENV_PREFIXES = ("PYTHON", "OMP_", "KMP_", "GOMP_", "MKL_", "OPENBLAS_", "ATEN_", "ONEDNN_", "DNNL_",
+                            "CUDA_", "NVIDIA_", "LD_", "MALLOC_", "TORCH", "PYTORCH_")
+# What a warm child finds imported: train.run and what it imports, and torchvision's models
+# (torchvision alone pulls in torch._dynamo: ~1.7 s of the ~3 s a cold start spends importing).
+WARM_PRELOAD = ["train.run", "torchvision.models"]
+_warm_forkers: dict[tuple, Forker] = {}
+
+
+def import_time_env(env: dict[str, str]) -> tuple:
+    return tuple(sorted((k, v) for k, v in env.items() if k.startswith(IMPORT_TIME_ENV_PREFIXES)))
+
+
+def warm_forker(env: dict[str, str]) -> Forker:
+    """This pytest process's forker for `env`'s import-time settings, started on first use (each
+    pytest-xdist worker has its own); all are closed at the end of the session."""
+    key = import_time_env(env)
+    if key not in _warm_forkers:
+        _warm_forkers[key] = Forker(WARM_PRELOAD, env=env, replace_env=True)
+    return _warm_forkers[key]
+
+
+def close_warm_forkers() -> None:
+    while _warm_forkers:
+        _warm_forkers.popitem()[1].close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _close_warm_forkers_at_the_end():
+    yield
+    close_warm_forkers()
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment run_cli gives a command: this process's, PYTHONPATH the project, `extra` on top."""
+    return {**os.environ, "PYTHONPATH": str(ROOT), **extra}
+
+
+def start_cli(module: str, *args, log: Path, warm: bool = False, env: dict[str, str] | None = None):
+    """`python -m module *args` started in the background, stdout and stderr to `log`: a
+    subprocess.Popen, or with `warm` a WarmChild forked warm (see run_cli); both poll, wait,
+    send_signal and kill."""
+    import subprocess
+
+    env = cli_env() if env is None else env
+    if warm:
+        return warm_forker(env).start_module(module, args, log, None, env)
+    with open(log, "w") as f:
+        return subprocess.Popen([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=env, stdout=f,
+                                stderr=subprocess.STDOUT)
+
+
+def _run_warm(module: str, args, env: dict[str, str], timeout: float | None, check: bool = False):
+    """run_cli's warm path: subprocess.run's result and exceptions, from a child of warm_forker."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="warm-cli-"))
+    try:
+        proc = warm_forker(env).start_module(module, args, tmp / "stdout", tmp / "stderr", env)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise subprocess.TimeoutExpired(proc.args, timeout, (tmp / "stdout").read_text(),
+                                            (tmp / "stderr").read_text()) from None
+        r = subprocess.CompletedProcess(proc.args, proc.returncode, (tmp / "stdout").read_text(),
+                                        (tmp / "stderr").read_text())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if check:
+        r.check_returncode()
+    return r

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, descendants, proc_state
+from conftest import ROOT, descendants, proc_state, start_cli
 from s3_server import env_for, free_port
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; gloo on loopback")
@@ -167,9 +167,9 @@ def test_a_restart_resumes_from_the_newest_checkpoint_on_any_ranks_disk(shards, 
     # no checkpoint. Two processes, each with its own --output, stand in for two nodes.
     def launch(outputs: list[Path], *extra) -> None:
         port = free_port()
-        procs = [start([sys.executable, "-m", "train.run", "--shards", shards, *ARGS, "--world-size", "2",
-                        "--rank", str(r), "--dist-url", f"tcp://127.0.0.1:{port}", "--output", outputs[r], *extra],
-                       tmp_path / f"rank{r}.log") for r in (0, 1)]
+        procs = [start_cli("train.run", "--shards", shards, *ARGS, "--world-size", "2", "--rank", r, "--dist-url",
+                           f"tcp://127.0.0.1:{port}", "--output", outputs[r], *extra, log=tmp_path / f"rank{r}.log",
+                           warm=True, env=ENV) for r in (0, 1)]
         for r, proc in enumerate(procs):
             finish(proc, tmp_path / f"rank{r}.log")
 

@@ -155,7 +155,7 @@ ARGS = ["--arch", "resnet18", "--recipe", "fast", "--image-size", "24", "--start
 
 def test_fast_run_crosses_the_ramp_and_resumes_across_it_bitwise(colour_shards, tmp_path):
     args = ["--shards", colour_shards, *ARGS]
-    whole = run_cli("train.run", *args, "--output", tmp_path / "whole", timeout=600)
+    whole = run_cli("train.run", *args, "--output", tmp_path / "whole", timeout=600, warm=True)
     assert whole.returncode == 0, whole.stderr[-2000:]
     log = whole.stdout + whole.stderr
     assert "=> recipe fast: 16 px to epoch 0, ramp to 24 px by epoch 1 (steps of 8), val 27 px" in log
@@ -165,10 +165,10 @@ def test_fast_run_crosses_the_ramp_and_resumes_across_it_bitwise(colour_shards, 
     val = [r for r in rows if "val_acc1" in r]
     assert [r["image_size"] for r in val] == [16, 24] and all(r["train_s"] > 0 for r in val)
     # Stopped in epoch 0 (16 px) with the next batch fetched, resumed: epoch 1 runs at 24 px, bitwise.
-    part = run_cli("train.run", *args, "--max-steps", "4", "--output", tmp_path / "part", timeout=600)
+    part = run_cli("train.run", *args, "--max-steps", "4", "--output", tmp_path / "part", timeout=600, warm=True)
     assert part.returncode == 0, part.stderr[-2000:]
     rest = run_cli("train.run", *args, "--resume", tmp_path / "part" / "checkpoint.pth.tar",
-                   "--output", tmp_path / "part", timeout=600)
+                   "--output", tmp_path / "part", timeout=600, warm=True)
     assert rest.returncode == 0, rest.stderr[-2000:]
     assert "=> epoch 1: train images 24 px" in rest.stdout + rest.stderr
     ref, got = losses(tmp_path / "whole"), losses(tmp_path / "part")

@@ -308,7 +308,7 @@ def test_a_damaged_val_split_is_an_error_naming_the_shard(colour_shards, tmp_pat
     val = load_manifest(folder)["splits"]["val"]["shards"][0]["name"]
     with open(folder / val, "r+b") as f:
         f.truncate(1000)
-    r = run_cli("train.run", "--shards", folder, "--output", tmp_path / "run", *TRAIN, timeout=300)
+    r = run_cli("train.run", "--shards", folder, "--output", tmp_path / "run", *TRAIN, timeout=300, warm=True)
     assert r.returncode == 2, r.stdout + r.stderr
     assert f"shard {folder / val} is truncated" in r.stderr and "training without evaluation" not in r.stderr
 
@@ -320,7 +320,7 @@ def test_a_dataset_without_val_still_trains_and_says_so(colour_shards, tmp_path)
     for s in m["splits"].pop("val")["shards"]:
         (folder / s["name"]).unlink()
     (folder / MANIFEST_NAME).write_text(json.dumps(m))
-    r = run_cli("train.run", "--shards", folder, "--output", tmp_path / "run", *TRAIN, timeout=300)
+    r = run_cli("train.run", "--shards", folder, "--output", tmp_path / "run", *TRAIN, timeout=300, warm=True)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "no split 'val'" in r.stderr and "training without evaluation" in r.stderr
 

@@ -79,7 +79,7 @@ def test_train_run_on_cifar_shards_evaluates_on_test_at_32_px(cifar_shards, tmp_
     # AVX-512 rounding); at the recipe's rate every seed tried reached 100 % by epoch 3 on both.
     # 3 epochs (the schedule's own) ended at 100 % with seeds 3-5, and seeds 3 and 6 under an AVX2 cap.
     r = run_cli("train.run", "--shards", cifar_shards, "--arch", "resnet18", "--device", "cpu", "-j", "2",
-                "-b", "16", "--epochs", "3", "--seed", "3", "--output", tmp_path / "run", timeout=600)
+                "-b", "16", "--epochs", "3", "--seed", "3", "--output", tmp_path / "run", timeout=600, warm=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "without evaluation" not in r.stderr and "=> recipe cifar: 32 px, crop padded, stem cifar" in r.stdout
     assert "lr 0.0125 peak" in r.stdout

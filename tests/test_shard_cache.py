@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_resumes_exactly, collect, new_bucket, rewrite_shard, upload_folder
+from conftest import assert_resumes_exactly, cli_env, collect, new_bucket, rewrite_shard, run_cli, upload_folder
 from pipeline import create_loader
 from pipeline.shard_cache import OWN_NAME, ShardCache, need_batches, parse_size
 from pipeline.shard_format import load_manifest
@@ -279,11 +279,10 @@ def test_train_run_with_a_cache_dir(s3_proxy, bucket, colour_shards, tmp_path):
     """`python -m train.run --cache-dir DIR --cache-limit SIZE` on a bucket: the run trains, and every
     train and val shard is downloaded once, whatever the epochs."""
     cache_dir = tmp_path / "cache"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "train.run", "--shards", bucket, "--cache-dir", str(cache_dir),
-                        "--cache-limit", "50M", "--arch", "resnet18", "--image-size", "32", "--device", "cpu",
-                        "-j", "1", "-b", "8", "--epochs", "2", "--warm-up-epochs", "0", "-p", "1", "--seed", "7", "--output",
-                        str(tmp_path / "run")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    r = run_cli("train.run", "--shards", bucket, "--cache-dir", cache_dir, "--cache-limit", "50M", "--arch", "resnet18",
+                "--image-size", "32", "--device", "cpu", "-j", "1", "-b", "8", "--epochs", "2", "--warm-up-epochs", "0",
+                "-p", "1", "--seed", "7", "--output", tmp_path / "run", env=cli_env(OMP_NUM_THREADS="1"), timeout=300,
+                warm=True)
     assert r.returncode == 0, r.stderr[-3000:]
     m = load_manifest(colour_shards)["splits"]
     shards = len(m["train"]["shards"]) + len(m["val"]["shards"])

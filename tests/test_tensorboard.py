@@ -38,7 +38,7 @@ def test_tensorboard_holds_what_metrics_jsonl_holds(colour_shards, tmp_path):
     run = tmp_path / "run"
     r = run_cli("train.run", "--shards", colour_shards, "--arch", "resnet18", "--image-size", "32", "--stem", "imagenet",
                 "--device", "cpu", "-j", "1", "-b", "8", "--epochs", "1", "--lr", "0.02", "-p", "2", "--tensorboard", "--output", run,
-                timeout=300)
+                timeout=300, warm=True)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert {"loss", "lr", "img_s", "data_wait"} <= set(rows[0]) and any("val_acc1" in x for x in rows)

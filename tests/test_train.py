@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, start_cli
 from s3_server import free_port
 from convert.imagenet_to_shards import convert
 from convert.synthetic import SyntheticConfig, generate
@@ -57,7 +57,7 @@ def val_results(text: str) -> list[tuple[float, float, float, int]]:
 def test_resnet18_learns_far_above_chance(small_shards, tmp_path):
     # 4 epochs ended at 85.0 and 88.8 % top-1 with seeds 7 and 8 (6 epochs were run before).
     r = run_cli("train.run", "--shards", small_shards, *BASE, "-b", "32", "--epochs", "4", "--lr", "0.05",
-                "--warm-up-epochs", "1", "--output", tmp_path / "run", "-p", "5", timeout=600)
+                "--warm-up-epochs", "1", "--output", tmp_path / "run", "-p", "5", timeout=600, warm=True)
     assert r.returncode == 0, r.stderr[-2000:]
     acc = accuracies(r.stdout)
     assert len(acc) == 4
@@ -82,9 +82,9 @@ def test_o2_bf16_fused_tracks_o0(small_shards, tmp_path):
     # mean gap and the "loss falls" check below.
     args = [*BASE, "--shards", small_shards, "-b", "32", "--epochs", "1", "--lr", "0.005", "-p", "1",
             "--max-steps", "10", "--warm-up-epochs", "0"]
-    r0 = run_cli("train.run", *args, "--output", tmp_path / "o0", timeout=600)
+    r0 = run_cli("train.run", *args, "--output", tmp_path / "o0", timeout=600, warm=True)
     r2 = run_cli("train.run", *args, "--amp", "--opt-level", "O2", "--amp-dtype", "bf16", "--output", tmp_path / "o2",
-                 timeout=600)
+                 timeout=600, warm=True)
     assert r0.returncode == 0 and r2.returncode == 0, (r0.stderr[-1000:], r2.stderr[-1000:])
     cfg = json.loads((tmp_path / "o2" / "config.json").read_text())
     assert cfg["opt_level_effective"] == "O2" and cfg["optimizer_impl"] == "SGD(fused=True)"
@@ -169,7 +169,7 @@ def test_fused_sgd_falls_back_to_foreach_where_torch_refuses_it():
 def test_loss_scale_without_effect_is_logged_once(tmp_path, amp, notice):
     r = run_cli("train.run", "--synthetic", "--arch", "resnet18", "--image-size", "32", "--stem", "imagenet",
                 "--device", "cpu", "-j", "1", "-b", "4", "--epochs", "1", "--max-steps", "1", "--loss-scale", "1024",
-                *amp, "--output", tmp_path / "run", timeout=300)
+                *amp, "--output", tmp_path / "run", timeout=300, warm=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "no bf16 kernels" not in r.stdout or not Device("cpu").has_fast_bf16()
     lines = [x for x in r.stdout.splitlines() if "--loss-scale" in x]
@@ -234,8 +234,8 @@ def test_train_step_benchmark_names_the_peak_of_every_mfu(monkeypatch, tmp_path,
     assert "MFU unknown" in out and "%" not in out.split("img/s")[1].splitlines()[0]
 
 
-def _run_until(cmd, env, until, timeout=300):
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def _run_until(args, log, until, timeout=300):
+    proc = start_cli("train.run", *args, log=log, warm=True)
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None and not until():
         time.sleep(0.05)
@@ -244,12 +244,11 @@ def _run_until(cmd, env, until, timeout=300):
 
 def test_kill_and_resume_gives_bitwise_identical_losses(small_shards, tmp_path):
     # 32 px with the ImageNet stem (the CIFAR stem, 32 px's default, costs 16x the compute) and
-    # batch 32: 10 steps an epoch, 20 in all, checkpoints every 3 (mid-epoch).
-    args = ["-m", "train.run", "--shards", str(small_shards), *BASE, "--image-size", "32", "--stem", "imagenet",
+    # batch 32: 10 steps an epoch, 20 in all, checkpoints every 3 (mid-epoch). The runs start
+    # warm (conftest.run_cli): the one killed is a process of its own all the same.
+    args = ["--shards", str(small_shards), *BASE, "--image-size", "32", "--stem", "imagenet",
             "-b", "32", "--epochs", "2", "--lr", "0.02", "-p", "1", "--save-every", "3"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    ref = subprocess.run([sys.executable, *args, "--output", str(tmp_path / "ref")], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)
+    ref = run_cli("train.run", *args, "--output", tmp_path / "ref", timeout=600, warm=True)
     assert ref.returncode == 0, ref.stderr[-2000:]
     out = tmp_path / "killed"
     ckpt = out / "checkpoint.pth.tar"
@@ -257,13 +256,13 @@ def test_kill_and_resume_gives_bitwise_identical_losses(small_shards, tmp_path):
     def saved_twice():
         return ckpt.exists() and len(losses(out)) >= 7 if (out / "metrics.jsonl").exists() else False
 
-    proc = _run_until([sys.executable, *args, "--output", str(out)], env, saved_twice)
+    proc = _run_until([*args, "--output", out], tmp_path / "killed.log", saved_twice)
+    assert proc.poll() is None, "still running when killed"
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    assert proc.wait() == -signal.SIGKILL
     state = torch.load(ckpt, weights_only=True)
     assert 0 < state["step"] < 20 and state["loader"]["batch"] > 0, "killed mid-epoch after a checkpoint"
-    resumed = subprocess.run([sys.executable, *args, "--output", str(out), "--resume", str(ckpt)], cwd=ROOT,
-                             env=env, capture_output=True, text=True, timeout=600)
+    resumed = run_cli("train.run", *args, "--output", out, "--resume", ckpt, timeout=600, warm=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = losses(tmp_path / "ref"), losses(out)
     assert sorted(a) == sorted(b) and len(a) == 20
@@ -282,7 +281,8 @@ def test_torchrun_two_ranks_train_and_evaluate_like_one(small_shards, tmp_path):
     assert cfg["world_size_effective"] == 2 and cfg["steps_per_epoch"] == 320 // 2 // 16
     assert f"Epoch: [0][{cfg['steps_per_epoch']}/{cfg['steps_per_epoch']}]" in run.stdout
     ckpt = tmp_path / "ddp" / "checkpoint.pth.tar"
-    one = run_cli("train.run", *common, "--evaluate", "--resume", ckpt, "--output", tmp_path / "e1", timeout=300)
+    one = run_cli("train.run", *common, "--evaluate", "--resume", ckpt, "--output", tmp_path / "e1", timeout=300,
+                  warm=True)
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                           "-m", "train.run", *common, "--evaluate", "--resume", str(ckpt), "--output",
                           str(tmp_path / "e2")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -17,13 +17,13 @@ def test_stopped_and_resumed_run_trains_on_the_same_batches(colour_shards, tmp_p
     if backend == "dali":
         pytest.importorskip("nvidia.dali", reason="the dali extra (nvidia-dali-cuda130) is not installed")
     args = ["--shards", colour_shards, "--backend", backend, *ARGS]
-    whole = run_cli("train.run", *args, "--output", tmp_path / "whole", timeout=600)
+    whole = run_cli("train.run", *args, "--output", tmp_path / "whole", timeout=600, warm=True)
     assert whole.returncode == 0, whole.stderr[-2000:]
     # Stopped after 4 of epoch 0's 7 steps, with the 5th batch already fetched, then resumed.
-    part = run_cli("train.run", *args, "--max-steps", "4", "--output", tmp_path / "part", timeout=600)
+    part = run_cli("train.run", *args, "--max-steps", "4", "--output", tmp_path / "part", timeout=600, warm=True)
     assert part.returncode == 0, part.stderr[-2000:]
     rest = run_cli("train.run", *args, "--resume", tmp_path / "part" / "checkpoint.pth.tar",
-                   "--output", tmp_path / "part", timeout=600)
+                   "--output", tmp_path / "part", timeout=600, warm=True)
     assert rest.returncode == 0, rest.stderr[-2000:]
     ref, got = losses(tmp_path / "whole"), losses(tmp_path / "part")
     assert sorted(ref) == sorted(got) == list(range(1, 15))
