@@ -577,6 +577,8 @@ def child(req) -> None:
 
 for line in sys.stdin:
     req = json.loads(line)
+    if req["op"] == "close":  # not only the end of stdin: a process forked from the owner may hold it open
+        break
     if req["op"] == "start":
         pid = os.fork()
         if pid == 0:
@@ -685,9 +687,19 @@ class Forker:
                          [sys.executable, "-m", module, *argv])
 
     def close(self) -> None:
+        import subprocess
+
         if self.proc.stdin and not self.proc.stdin.closed:
-            self.proc.stdin.close()
-        self.proc.wait(30)
+            try:
+                self.proc.stdin.write('{"op": "close"}\n')
+                self.proc.stdin.close()
+            except BrokenPipeError:
+                pass  # it has exited already
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()  # its children die with it (PR_SET_PDEATHSIG)
+            self.proc.wait()
 
 
 # Read by the interpreter or a native library when it starts or loads (before the forker forks),
