@@ -393,11 +393,19 @@ def pytest_xdist_auto_num_workers(config):
 LONGEST_MODULES = ("test_elastic.py", "test_train.py", "test_scripts.py", "test_fault_matrix.py",
                    "test_train_resume.py", "test_conformance.py", "test_loader_robustness.py",
                    "test_shard_cache.py", "test_fast_recipe.py")
+# A module's tests run in one worker (`--dist loadgroup`, each module a group: they share its
+# fixtures, and test_scripts' a folder), except these, whose long tests are spread over the
+# workers: on an AVX2-only CPU two of test_train's take minutes each (bf16 is emulated there).
+SPREAD_MODULES = ("test_train.py", "test_train_resume.py")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(items):
     first = {name: i for i, name in enumerate(LONGEST_MODULES)}
     items.sort(key=lambda item: first.get(item.path.name, len(first)))  # stable: the rest keep their order
+    for item in items:
+        if item.path.name not in SPREAD_MODULES and item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
 
 
 def pytest_configure(config):
