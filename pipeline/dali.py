@@ -30,6 +30,7 @@ CPU-only mode); that is what CI tests.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -211,11 +212,12 @@ class DaliLoader(PlannedLoader):
                 self._position += 1
                 yield x, y
         finally:
-            for f in pending:
-                f.cancel()
-            self._settle(flight)
-            if reader is not None:
-                reader.stop()
+            if os.getpid() == self._owner_pid:  # a forked child's copy leaves DALI alone (PlannedLoader.__del__)
+                for f in pending:
+                    f.cancel()
+                self._settle(flight)
+                if reader is not None:
+                    reader.stop()
 
     def _schedule(self, pending: deque, flight: deque) -> None:
         """Feed DALI the host batches that are ready, keeping `depth` batches in flight."""

@@ -10,6 +10,7 @@ of them.
 """
 from __future__ import annotations
 
+import os
 import sys
 import weakref
 
@@ -129,6 +130,14 @@ class ResumableLoader:
         self.close()
 
 
+# A child forked while loaders live (a ProcessPoolExecutor's worker, say) gets copies whose threads,
+# worker processes and DALI pipelines are the parent's: finalizing one there would wait on threads
+# it does not have (DALI's shutdown crashed such a child). The child keeps them all reachable.
+_LIVE_LOADERS: weakref.WeakSet = weakref.WeakSet()
+_FORKED_COPIES: list = []
+os.register_at_fork(after_in_child=lambda: _FORKED_COPIES.extend(_LIVE_LOADERS))
+
+
 class PlannedLoader(ResumableLoader):
     """What every shard backend shares: the epoch plan, len and the resume state.
 
@@ -139,6 +148,8 @@ class PlannedLoader(ResumableLoader):
 
     def __init__(self, table: SampleTable, cfg: LoaderConfig):
         super().__init__()
+        self._owner_pid = os.getpid()
+        _LIVE_LOADERS.add(self)
         self.table = table
         self.cfg = cfg
         self._plans: dict[int, tuple[list[np.ndarray], list[int] | None]] = {}

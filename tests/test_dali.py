@@ -67,3 +67,40 @@ def test_a_batch_dali_fails_is_rebuilt_with_stand_ins_and_a_real_error_raises(co
     with pytest.raises(RuntimeError, match="device fault"):
         collect(broken)
     assert broken.stats.corrupt == 0
+
+
+def test_a_forked_child_never_finalizes_its_parents_dali_pipeline(colour_shards):
+    """A child forked while a DALI loader lives (a ProcessPoolExecutor's worker, a fork-started
+    process) has the pipeline's memory but not its threads: closing or collecting the loader there
+    must leave DALI alone. Its shutdown there crashed such a child (a convert.synthetic worker,
+    forked after a test had dropped a DALI loader without closing it)."""
+    pytest.importorskip("nvidia.dali", reason="the dali extra (nvidia-dali-cuda130) is not installed")
+    import gc
+    import os
+    import signal
+    import time
+
+    loader = create_loader(colour_shards, backend="dali", batch_size=6, image_size=16, device="cpu", workers=1,
+                           normalize=False, seed=2)
+    it = iter(loader)
+    next(it)  # the pipeline is built and its threads run
+    pid = os.fork()
+    if pid == 0:  # the child: what a garbage collection there does to the loader
+        code = 1
+        try:
+            del it, loader
+            gc.collect()
+            code = 0
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    assert done[0] == pid, "the child hung closing its parent's DALI loader"
+    assert os.waitstatus_to_exitcode(done[1]) == 0, "the child crashed closing its parent's DALI loader"
+    loader.close()
+    assert len(collect(create_loader(colour_shards, backend="dali", batch_size=6, image_size=16, device="cpu",
+                                     workers=1, normalize=False, seed=2))) == 10  # the parent's DALI still works
