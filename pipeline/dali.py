@@ -212,7 +212,7 @@ class DaliLoader(PlannedLoader):
                 self._position += 1
                 yield x, y
         finally:
-            if os.getpid() == self._owner_pid:  # a forked child's copy leaves DALI alone (PlannedLoader.__del__)
+            if os.getpid() == self._owner_pid:  # a forked child's copy leaves DALI alone (planned._LIVE_LOADERS)
                 for f in pending:
                     f.cancel()
                 self._settle(flight)
