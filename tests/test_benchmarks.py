@@ -15,7 +15,7 @@ from PIL import Image, JpegImagePlugin
 from benchmarks import photos
 from benchmarks.photos import SUBSAMPLING, PhotoConfig, plan, render
 
-from conftest import ROOT, make_colour_folder, run_cli
+from conftest import ROOT, cli_env, make_colour_folder, run_cli
 
 needs_skimage = pytest.mark.skipif(importlib.util.find_spec("skimage") is None,
                                    reason="scikit-image (the photos) is not installed")
@@ -201,7 +201,8 @@ def test_machine_cli_records_the_avx2_cap(tmp_path):
     out = tmp_path / "m.json"
     caps = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
     # Only these caps: none from the machine running the tests (pytest's workers set OMP_NUM_THREADS).
-    r = run_module("benchmarks.machine", "--json", out, env={**dict.fromkeys(CAP_VARS, ""), **caps})
+    r = run_cli("benchmarks.machine", "--json", out, env=cli_env(**{**dict.fromkeys(CAP_VARS, ""), **caps}),
+                timeout=300)
     assert r.returncode == 0, r.stderr
     info = json.loads(out.read_text())
     assert info["isa"]["torch"] == "AVX2"
@@ -227,12 +228,6 @@ def test_describe_without_x86_flags(tmp_path):
 MACHINE_KEYS = {"cpu", "cores", "cores_usable", "isa", "torch", "caps"}
 
 
-def run_module(module: str, *args, env: dict, timeout: int = 300):
-    """run_cli with environment variables of the test's own on top."""
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), **env}, cwd=ROOT, timeout=timeout)
-
-
 def test_write_json_records_the_machine_atomically(tmp_path):
     from benchmarks.common import write_json
 
@@ -252,9 +247,9 @@ def _benchmark_json(out_dir) -> dict:
 def test_train_step_prints_and_records_its_machine(tmp_path):
     from benchmarks.machine import describe, header
 
-    r = run_module("benchmarks.train_step", "--arch", "resnet18", "--batch-size", "2", "--image-size", "32",
-                   "--levels", "O0:fp32", "--compile", "off", "--optimizers", "fused", "--channels-last", "on",
-                   "--steps", "1", "--repeats", "1", env={"BENCH_OUT": str(tmp_path)})
+    r = run_cli("benchmarks.train_step", "--arch", "resnet18", "--batch-size", "2", "--image-size", "32",
+                "--levels", "O0:fp32", "--compile", "off", "--optimizers", "fused", "--channels-last", "on",
+                "--steps", "1", "--repeats", "1", env=cli_env(BENCH_OUT=str(tmp_path)), timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     record = _benchmark_json(tmp_path)
     machine = record["machine"]
@@ -268,8 +263,9 @@ def test_train_step_prints_and_records_its_machine(tmp_path):
 def test_loader_prints_and_records_its_machine(tmp_path, colour_shards):
     from benchmarks.machine import header
 
-    r = run_module("benchmarks.loader", "--shards", colour_shards, "--workers", "1", "--repeats", "1",
-                   "--batch-size", "8", "--chart", tmp_path / "chart.png", env={"BENCH_OUT": str(tmp_path)})
+    r = run_cli("benchmarks.loader", "--shards", colour_shards, "--workers", "1", "--repeats", "1",
+                "--batch-size", "8", "--chart", tmp_path / "chart.png", env=cli_env(BENCH_OUT=str(tmp_path)),
+                timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     record = _benchmark_json(tmp_path)
     machine = record["machine"]

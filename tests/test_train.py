@@ -273,7 +273,8 @@ def test_torchrun_two_ranks_train_and_evaluate_like_one(small_shards, tmp_path):
     common = ["--shards", str(small_shards), *BASE, "--image-size", "32", "--stem", "imagenet", "-b", "16",
               "--lr", "0.02", "-p", "2"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          f"--master_port={free_port()}",
                           "-m", "train.run", *common, "--epochs", "1", "--output", str(tmp_path / "ddp")],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -283,7 +284,8 @@ def test_torchrun_two_ranks_train_and_evaluate_like_one(small_shards, tmp_path):
     ckpt = tmp_path / "ddp" / "checkpoint.pth.tar"
     one = run_cli("train.run", *common, "--evaluate", "--resume", ckpt, "--output", tmp_path / "e1", timeout=300,
                   warm=True)
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          f"--master_port={free_port()}",
                           "-m", "train.run", *common, "--evaluate", "--resume", str(ckpt), "--output",
                           str(tmp_path / "e2")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0 and two.returncode == 0, (one.stderr[-1000:], two.stderr[-2000:])
