@@ -259,7 +259,10 @@ def run_cli(module: str, *args, warm: bool = False, env: dict[str, str] | None =
     and train.run (warm_forker), and runs the module as -m would: the exit status, output, argv
     and environment are the same, without the seconds of imports. For tests whose subject is what
     the command does, not how the interpreter starts: a flag or variable read at startup
-    (IMPORT_TIME_ENV_PREFIXES) gets a forker started with it, and startup itself needs cold."""
+    (IMPORT_TIME_ENV_PREFIXES) gets a forker started with it, and startup itself needs cold.
+    Warm torchrun (`torch.distributed.run`) forks its `-m` ranks from its agent (fork_ranks_here):
+    a rank there is no fresh interpreter, so a test that reads a rank's /proc (its environ or
+    cmdline) or its startup starts torchrun cold."""
     import subprocess
 
     env = cli_env() if env is None else env
@@ -562,6 +565,84 @@ def call_target(req) -> int:
         return 1
 
 
+def fork_ranks_here(import_time_prefixes) -> None:
+    # This child runs torchrun's agent. The agent starts each rank as `python -u -m MODULE ARGS`
+    # in a session of its own (SubprocessHandler._popen); here it forks the rank instead, which
+    # then starts with MODULE's imports done. The rank is still the agent's child, in its own
+    # session, with torchrun's environment, output and exit status; what the agent itself set up
+    # after this point (its signal handlers, its logging) is undone in the rank. Its open files
+    # stay open there (a cold rank's exec would close them): closing a descriptor under an object
+    # that owns it lets the rank reuse the number and the object, on its next fork, close the
+    # rank's own file (a loader's task pipe, seen here).
+    # A rank whose import-time settings differ from this process's gets a cold start, as torchrun
+    # would give it (OMP_NUM_THREADS, say, which torchrun sets when the caller did not).
+    import io, logging, subprocess
+    from torch.distributed.elastic.multiprocessing.subprocess_handler import subprocess_handler
+
+    def import_time(env):  # what torchrun sets for its ranks is read when used, not at import
+        return {k: v for k, v in env.items() if k.startswith(tuple(import_time_prefixes))
+                and not k.startswith(("TORCHELASTIC_", "TORCH_NCCL_", "TORCHINDUCTOR_CACHE_DIR"))}
+
+    settings = import_time(os.environ)
+    handlers = {}
+    for s in signal.valid_signals():
+        try:
+            handlers[s] = signal.getsignal(s)
+        except (OSError, ValueError):
+            pass
+    manager = logging.Logger.manager
+    loggers = {name: (lg.level, list(lg.handlers), lg.propagate, lg.disabled)
+               for name, lg in [("", logging.root), *manager.loggerDict.items()] if isinstance(lg, logging.Logger)}
+    exit_handlers = atexit._ncallbacks()
+
+    def become_the_rank(module, argv, env, fds) -> int:
+        os.setsid()
+        for fd, target in zip(fds, (0, 1, 2)):
+            if fd != -1:
+                os.dup2(fd, target)
+        for s, handler in handlers.items():
+            if handler is not None and signal.getsignal(s) is not handler:
+                signal.signal(s, handler)
+        for name, lg in [("", logging.root), *manager.loggerDict.items()]:
+            if isinstance(lg, logging.Logger):
+                lg.level, lg.handlers[:], lg.propagate, lg.disabled = loggers.get(name, (logging.NOTSET, [], True, False))
+        # python -u: unbuffered output (the agent's own buffers were flushed before the fork)
+        sys.stdout, sys.stderr = (io.TextIOWrapper(io.FileIO(fd, "w", closefd=False), encoding=stream.encoding,
+                                                   errors=stream.errors, write_through=True)
+                                  for fd, stream in ((1, sys.stdout), (2, sys.stderr)))
+        return run_module({"module": module, "argv": argv, "env": env})
+
+    class ForkedRank(subprocess.Popen):
+        def _execute_child(self, args, executable, preexec_fn, close_fds, pass_fds, cwd, env, startupinfo,
+                           creationflags, shell, p2cread, p2cwrite, c2pread, c2pwrite, errread, errwrite, *rest):
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+            pid = os.fork()
+            if pid == 0:
+                rc = 1
+                try:
+                    rc = become_the_rank(args[3], list(args[4:]), env, (p2cread, c2pwrite, errwrite))
+                finally:
+                    for stream in (sys.stdout, sys.stderr):
+                        try:
+                            stream.flush()
+                        except (OSError, ValueError):
+                            pass
+                    os._exit(rc & 0xFF)
+            self.pid, self._child_created = pid, True
+
+    cold = subprocess_handler.SubprocessHandler._popen
+
+    def _popen(self, args, env):
+        if list(args[:3]) == [sys.executable, "-u", "-m"] and import_time(env) == settings:
+            if atexit._ncallbacks() != exit_handlers:  # they would run at the rank's exit
+                raise RuntimeError("torchrun's agent registered exit handlers: a forked rank would run them")
+            return ForkedRank(list(args), env=env, stdout=self._stdout, stderr=self._stderr, start_new_session=True)
+        return cold(self, args, env)
+
+    subprocess_handler.SubprocessHandler._popen = _popen
+
+
 def child(req) -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the forker
     out = os.open(req["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -573,6 +654,8 @@ def child(req) -> None:
     try:
         if req["cwd"]:
             os.chdir(req["cwd"])
+        if req.get("fork_ranks"):
+            fork_ranks_here(req["fork_ranks"])
         rc = run_module(req) if req["module"] else call_target(req)
     finally:
         for stream in (sys.stdout, sys.stderr):
@@ -687,11 +770,13 @@ class Forker:
     def start_module(self, module: str, argv: list, stdout: Path, stderr: Path | None, env: dict[str, str],
                      cwd: Path = ROOT) -> WarmChild:
         """Fork a child that runs `python -m module *argv` (run_cli): stdout and stderr to their
-        files (stderr to stdout's when None), in `cwd`, with exactly `env` as its environment."""
+        files (stderr to stdout's when None), in `cwd`, with exactly `env` as its environment.
+        torchrun (torch.distributed.run) forks its `-m` ranks warm as well (fork_ranks_here)."""
         argv = [str(a) for a in argv]
+        fork_ranks = list(IMPORT_TIME_ENV_PREFIXES) if module == "torch.distributed.run" else None
         return WarmChild(self, self.ask({"op": "start", "target": None, "module": module, "argv": argv,
                                          "stdout": str(stdout), "stderr": None if stderr is None else str(stderr),
-                                         "env": env, "cwd": str(cwd)})["pid"],
+                                         "env": env, "cwd": str(cwd), "fork_ranks": fork_ranks})["pid"],
                          [sys.executable, "-m", module, *argv])
 
     def close(self) -> None:
@@ -721,9 +806,10 @@ class Forker:
 # gets a forker of its own, started with that environment: never a child that silently ignores it.
 IMPORT_TIME_ENV_PREFIXES = ("PYTHON", "OMP_", "KMP_", "GOMP_", "MKL_", "OPENBLAS_", "ATEN_", "ONEDNN_", "DNNL_",
                             "CUDA_", "NVIDIA_", "LD_", "MALLOC_", "TORCH", "PYTORCH_")
-# What a warm child finds imported: train.run and what it imports, and torchvision's models
-# (torchvision alone pulls in torch._dynamo: ~1.7 s of the ~3 s a cold start spends importing).
-WARM_PRELOAD = ["train.run", "torchvision.models"]
+# What a warm child finds imported: train.run and what it imports, torchvision's models
+# (torchvision alone pulls in torch._dynamo: ~1.7 s of the ~3 s a cold start spends importing),
+# and torchrun's agent.
+WARM_PRELOAD = ["train.run", "torchvision.models", "torch.distributed.run"]
 _warm_forkers: dict[tuple, Forker] = {}
 
 

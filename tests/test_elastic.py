@@ -7,7 +7,6 @@ import io
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 import warnings
@@ -40,18 +39,19 @@ def shards(colour_shards) -> str:
 
 
 def torchrun(port: int, *, nnodes: int = 1, nproc: int = 2, max_restarts: int = 0) -> list[str]:
-    """A torchrun command line with a c10d rendezvous on loopback (one per node)."""
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--nproc-per-node", str(nproc),
-            "--max-restarts", str(max_restarts), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
-            "--rdzv-id", f"test{port}", "-m", "train.run"]
+    """torchrun's arguments for a c10d rendezvous on loopback (one per node), up to `-m train.run`."""
+    return ["--nnodes", str(nnodes), "--nproc-per-node", str(nproc), "--max-restarts", str(max_restarts),
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"test{port}",
+            "-m", "train.run"]
 
 
-def start(cmd: list, log: Path, **env: str) -> subprocess.Popen:
-    with open(log, "w") as f:
-        return subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env={**ENV, **env}, stdout=f, stderr=subprocess.STDOUT)
+def start(args: list, log: Path, warm: bool = True, **env: str):
+    """`torchrun *args` in the background, output to `log`: warm, it and its ranks start with their
+    imports done (conftest.run_cli); cold, as a user starts it."""
+    return start_cli("torch.distributed.run", *args, log=log, warm=warm, env={**ENV, **env})
 
 
-def finish(proc: subprocess.Popen, log: Path) -> None:
+def finish(proc, log: Path) -> None:
     try:
         proc.wait(timeout=TIMEOUT_S)
     finally:
@@ -101,8 +101,9 @@ def test_reference_run_is_what_the_tests_below_assume(reference):
 
 def test_torchrun_restarts_a_killed_rank_and_the_run_stays_bit_identical(shards, reference, tmp_path):
     out = tmp_path / "run"
+    # Cold: the rank to kill is found by the RANK in its /proc environ, which a forked rank lacks.
     agent = start([*torchrun(free_port(), max_restarts=1), "--shards", shards, *ARGS, "--output", out],
-                  tmp_path / "log")
+                  tmp_path / "log", warm=False)
     # Once step 10 is logged, the checkpoint of step 9 (epoch 1, mid-epoch) is on disk: kill rank 1.
     deadline = time.monotonic() + TIMEOUT_S
     while time.monotonic() < deadline and agent.poll() is None:

@@ -1,15 +1,18 @@
 """run_cli(warm=True) stands in for `python -m MODULE` (conftest.Forker): the same exit status,
 output, argv and environment as a cold start, a timeout like subprocess.run's, and a settings
-change that only a new interpreter can honour gets one."""
+change that only a new interpreter can honour gets one. Warm torchrun forks its ranks, which see
+what cold ranks see."""
 from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 
 import conftest
 from conftest import ROOT, cli_env, proc_state, run_cli
+from s3_server import free_port
 
 PROBE = "tests.cli_probe"
 
@@ -70,3 +73,44 @@ def test_closing_a_forker_kills_its_children(tmp_path):
     assert proc_state(child.pid) is not None
     forker.close()
     assert proc_state(child.pid) is None
+
+
+def torchrun_probe(warm: bool, log_dir: Path, *probe: str):
+    """torchrun with two ranks of the probe, each rank's output in its own file under `log_dir`."""
+    return run_cli("torch.distributed.run", "--nproc-per-node", "2", "--master-port", free_port(), "--log-dir",
+                   log_dir, "--redirects", "3", "-m", PROBE, *probe, warm=warm, env=cli_env(OMP_NUM_THREADS="1"),
+                   timeout=120)
+
+
+def rank_outputs(log_dir: Path, name: str) -> dict[int, str]:
+    """rank -> what it wrote to `name` (stdout.log, stderr.log) in torchrun's --log-dir."""
+    return {int(p.parent.name): p.read_text() for p in log_dir.rglob(name)}
+
+
+def test_warm_torchrun_forks_its_ranks_and_they_see_what_cold_ranks_see(tmp_path):
+    runs = {w: torchrun_probe(w, tmp_path / str(w), "report") for w in (False, True)}
+    assert all(r.returncode == 0 for r in runs.values()), {w: r.stderr[-2000:] for w, r in runs.items()}
+    seen = {w: {rank: json.loads(out) for rank, out in rank_outputs(tmp_path / str(w), "stdout.log").items()}
+            for w in (False, True)}
+    assert sorted(seen[False]) == sorted(seen[True]) == [0, 1]
+    for rank in (0, 1):
+        cold, warm = seen[False][rank], seen[True][rank]
+        for key in ("argv", "name", "path0", "cwd", "threads", "stdout_unbuffered", "signals", "log_handlers"):
+            assert warm[key] == cold[key], key
+        ignore = {"MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_ERROR_FILE"}  # a port and files of their own
+        assert {k: v for k, v in warm["env"].items() if k not in ignore} == \
+               {k: v for k, v in cold["env"].items() if k not in ignore}
+        assert warm["env"]["RANK"] == str(rank) and warm["stdout_unbuffered"]
+        assert cold["cmdline"][1:] == ["-u", "-m", PROBE] and warm["cmdline"][1] == "-c"  # forked, not started
+    assert seen[True][0]["ppid"] == seen[True][1]["ppid"]  # both the agent's children
+    assert seen[True][0]["torch"] != seen[True][1]["torch"]  # each its own random state
+    assert rank_outputs(tmp_path / "True", "stderr.log") == rank_outputs(tmp_path / "False", "stderr.log")
+
+
+def test_a_failing_warm_rank_fails_torchrun_as_a_cold_one_does(tmp_path):
+    runs = {w: torchrun_probe(w, tmp_path / str(w), "exit-int", "3") for w in (False, True)}
+    assert runs[True].returncode == runs[False].returncode == 1
+    for r in runs.values():
+        assert "exitcode  : 3" in r.stderr and "ChildFailedError" in r.stderr, r.stderr[-2000:]
+    assert rank_outputs(tmp_path / "True", "stdout.log") == rank_outputs(tmp_path / "False", "stdout.log") == \
+        {0: "out before exit\n", 1: "out before exit\n"}

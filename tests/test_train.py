@@ -273,10 +273,8 @@ def test_torchrun_two_ranks_train_and_evaluate_like_one(small_shards, tmp_path):
     common = ["--shards", str(small_shards), *BASE, "--image-size", "32", "--stem", "imagenet", "-b", "16",
               "--lr", "0.02", "-p", "2"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          f"--master_port={free_port()}",
-                          "-m", "train.run", *common, "--epochs", "1", "--output", str(tmp_path / "ddp")],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    run = run_cli("torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "train.run",
+                  *common, "--epochs", "1", "--output", tmp_path / "ddp", env=env, timeout=600, warm=True)
     assert run.returncode == 0, run.stderr[-3000:]
     cfg = json.loads((tmp_path / "ddp" / "config.json").read_text())
     assert cfg["world_size_effective"] == 2 and cfg["steps_per_epoch"] == 320 // 2 // 16
@@ -284,10 +282,8 @@ def test_torchrun_two_ranks_train_and_evaluate_like_one(small_shards, tmp_path):
     ckpt = tmp_path / "ddp" / "checkpoint.pth.tar"
     one = run_cli("train.run", *common, "--evaluate", "--resume", ckpt, "--output", tmp_path / "e1", timeout=300,
                   warm=True)
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          f"--master_port={free_port()}",
-                          "-m", "train.run", *common, "--evaluate", "--resume", str(ckpt), "--output",
-                          str(tmp_path / "e2")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    two = run_cli("torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "train.run",
+                  *common, "--evaluate", "--resume", ckpt, "--output", tmp_path / "e2", env=env, timeout=300, warm=True)
     assert one.returncode == 0 and two.returncode == 0, (one.stderr[-1000:], two.stderr[-2000:])
     assert "80 samples" in one.stdout and "80 samples" in two.stdout  # val counted exactly once
     assert accuracies(one.stdout) == accuracies(two.stdout) and len(accuracies(one.stdout)) == 1
