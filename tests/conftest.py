@@ -565,7 +565,7 @@ def call_target(req) -> int:
         return 1
 
 
-def fork_ranks_here(import_time_prefixes) -> None:
+def fork_ranks_here(import_time_prefixes, run_time_names) -> None:
     # This child runs torchrun's agent. The agent starts each rank as `python -u -m MODULE ARGS`
     # in a session of its own (SubprocessHandler._popen); here it forks the rank instead, which
     # then starts with MODULE's imports done. The rank is still the agent's child, in its own
@@ -579,9 +579,9 @@ def fork_ranks_here(import_time_prefixes) -> None:
     import io, logging, subprocess
     from torch.distributed.elastic.multiprocessing.subprocess_handler import subprocess_handler
 
-    def import_time(env):  # what torchrun sets for its ranks is read when used, not at import
+    def import_time(env):
         return {k: v for k, v in env.items() if k.startswith(tuple(import_time_prefixes))
-                and not k.startswith(("TORCHELASTIC_", "TORCH_NCCL_", "TORCHINDUCTOR_CACHE_DIR"))}
+                and not k.startswith(tuple(run_time_names))}
 
     settings = import_time(os.environ)
     handlers = {}
@@ -655,7 +655,7 @@ def child(req) -> None:
         if req["cwd"]:
             os.chdir(req["cwd"])
         if req.get("fork_ranks"):
-            fork_ranks_here(req["fork_ranks"])
+            fork_ranks_here(*req["fork_ranks"])
         rc = run_module(req) if req["module"] else call_target(req)
     finally:
         for stream in (sys.stdout, sys.stderr):
@@ -773,7 +773,7 @@ class Forker:
         files (stderr to stdout's when None), in `cwd`, with exactly `env` as its environment.
         torchrun (torch.distributed.run) forks its `-m` ranks warm as well (fork_ranks_here)."""
         argv = [str(a) for a in argv]
-        fork_ranks = list(IMPORT_TIME_ENV_PREFIXES) if module == "torch.distributed.run" else None
+        fork_ranks = [IMPORT_TIME_ENV_PREFIXES, RUN_TIME_ENV] if module == "torch.distributed.run" else None
         return WarmChild(self, self.ask({"op": "start", "target": None, "module": module, "argv": argv,
                                          "stdout": str(stdout), "stderr": None if stderr is None else str(stderr),
                                          "env": env, "cwd": str(cwd), "fork_ranks": fork_ranks})["pid"],
@@ -806,6 +806,9 @@ class Forker:
 # gets a forker of its own, started with that environment: never a child that silently ignores it.
 IMPORT_TIME_ENV_PREFIXES = ("PYTHON", "OMP_", "KMP_", "GOMP_", "MKL_", "OPENBLAS_", "ATEN_", "ONEDNN_", "DNNL_",
                             "CUDA_", "NVIDIA_", "LD_", "MALLOC_", "TORCH", "PYTORCH_")
+# ... except these, which torch reads when it uses them: what torchrun sets for each rank, and the
+# rendezvous's own switch (torch/distributed/elastic/rendezvous/dynamic_rendezvous.py).
+RUN_TIME_ENV = ("TORCHELASTIC_", "TORCH_NCCL_", "TORCHINDUCTOR_CACHE_DIR", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE")
 # What a warm child finds imported: train.run and what it imports, torchvision's models
 # (torchvision alone pulls in torch._dynamo: ~1.7 s of the ~3 s a cold start spends importing),
 # and torchrun's agent.
@@ -814,7 +817,8 @@ _warm_forkers: dict[tuple, Forker] = {}
 
 
 def import_time_env(env: dict[str, str]) -> tuple:
-    return tuple(sorted((k, v) for k, v in env.items() if k.startswith(IMPORT_TIME_ENV_PREFIXES)))
+    return tuple(sorted((k, v) for k, v in env.items()
+                        if k.startswith(IMPORT_TIME_ENV_PREFIXES) and not k.startswith(RUN_TIME_ENV)))
 
 
 def warm_forker(env: dict[str, str]) -> Forker:

@@ -137,7 +137,7 @@ def test_fast_recipe_bundles_its_parts_and_the_seed_recipe_stays_the_default():
     (["--recipe", "fastest"], "--recipe"),
 ])
 def test_bad_fast_recipe_flags_exit_naming_the_flag(args, needle):
-    r = run_cli("train.run", "--synthetic", "--device", "cpu", *args, timeout=120)
+    r = run_cli("train.run", "--synthetic", "--device", "cpu", *args, timeout=120, warm=True)
     assert r.returncode == 2 and needle in r.stderr and r.stderr.count("\n") == 1, r.stderr
 
 

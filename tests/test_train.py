@@ -337,12 +337,12 @@ def test_bad_flags_exit_with_one_line(args, needle, capsys):
 
 
 def test_missing_shards_directory_is_a_clear_error(tmp_path):
-    r = run_cli("train.run", "--shards", tmp_path / "nowhere", "--device", "cpu", timeout=120)
+    r = run_cli("train.run", "--shards", tmp_path / "nowhere", "--device", "cpu", timeout=120, warm=True)
     assert r.returncode == 2 and "no such directory" in r.stderr and r.stderr.count("\n") == 1
 
 
 def test_npu_without_torch_npu_names_the_package(small_shards):
-    r = run_cli("train.run", "--shards", small_shards, "--device", "npu", timeout=120)
+    r = run_cli("train.run", "--shards", small_shards, "--device", "npu", timeout=120, warm=True)
     assert r.returncode == 2 and "torch_npu" in r.stderr and "CANN" in r.stderr
 
 
@@ -394,7 +394,7 @@ def test_plot_draws_curves(tmp_path):
 def test_seed_style_multiprocessing_distributed_launch(small_shards, tmp_path):
     r = run_cli("train.run", "--shards", small_shards, *BASE, "-b", "16", "--epochs", "1", "--max-steps", "3",
                 "-p", "1", "--multiprocessing-distributed", "--device-list", "0,1", "--dist-url",
-                f"tcp://127.0.0.1:{free_port()}", "--output", tmp_path / "mpd", timeout=300)
+                f"tcp://127.0.0.1:{free_port()}", "--output", tmp_path / "mpd", timeout=300, warm=True)
     assert r.returncode == 0, r.stderr[-2000:]
     cfg = json.loads((tmp_path / "mpd" / "config.json").read_text())
     assert cfg["world_size_effective"] == 2
