@@ -1,7 +1,7 @@
 """A real S3 API on loopback for tests: moto's server mode in a subprocess (what s3fs's own tests
-use), and a TCP proxy in front of it that injects faults, chosen by method and key: S3 errors (503,
-403 AccessDenied, 404 NoSuchKey), a connection cut during an upload or a download, a request held
-unanswered (so a test can kill its client there).
+use; `serve` below), and a TCP proxy in front of it that injects faults, chosen by method and key:
+S3 errors (503, 403 AccessDenied, 404 NoSuchKey), a connection cut during an upload or a
+download, a request held unanswered (so a test can kill its client there).
 
 Tests reach them through the fixtures in conftest.py (`s3_server`, `s3_env`, `s3_bucket`,
 `s3_proxy`); this module holds the machinery, so other test modules can reuse it.
@@ -80,6 +80,8 @@ def serve(host: str, port: int) -> None:
     service folders), about 40% of its CPU time for a small request (a HEAD, a small GET)."""
     from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
     from werkzeug.serving import run_simple
+
+    os.environ.setdefault("MOTO_PORT", str(port))  # as moto.server sets it: the URLs moto gives of itself
 
     class Application(DomainDispatcherApplication):
         def __init__(self, create_app):
