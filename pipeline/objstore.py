@@ -115,9 +115,18 @@ def _path(url: str) -> str:
 
 # -- reads ----------------------------------------------------------------------------------------
 
+def _whole_object_options(url: str) -> dict:
+    """cat_file options for reading a whole object in one request. s3fs otherwise first asks for
+    its size (a HEAD), to split an object over 50 MB into concurrent range requests: a second
+    request, and round trip, for every manifest, index and run record, which are all small.
+    Large objects (shards, checkpoints) are downloaded with get_file, which starts with one GET
+    and splits only a large one."""
+    return {"max_concurrency": 1} if split_url(url)[0] == "s3" else {}
+
+
 def get(url: str) -> bytes:
-    """The whole object at `url`."""
-    return _retrying("read", url, lambda: filesystem(url).cat_file(_path(url)))
+    """The whole object at `url` (one request)."""
+    return _retrying("read", url, lambda: filesystem(url).cat_file(_path(url), **_whole_object_options(url)))
 
 
 def get_many(urls: list[str]) -> list[bytes]:
@@ -143,7 +152,8 @@ def read_ranges(urls: list[str], starts, ends, merge_gap: int = MERGE_GAP) -> li
             break
         fs = filesystem(requests[todo[0]][0])  # one scheme per call (see below)
         got = fs.cat_ranges([_path(requests[i][0]) for i in todo], [requests[i][1] for i in todo],
-                            [requests[i][2] for i in todo], on_error="return")
+                            [requests[i][2] for i in todo], on_error="return",
+                            **_whole_object_options(requests[todo[0]][0]))
         errors = []
         progress = False
         for i, b in zip(todo, got):
@@ -235,8 +245,10 @@ def copy(src: str, dst: str) -> None:
     readers of `dst` see the old object or all of the new one."""
     if split_url(src)[:2] != split_url(dst)[:2]:
         raise ValueError(f"copy: {redact(src)} and {redact(dst)} are not in one bucket")
-    # Named by its source: a missing object is the source (the copy creates its target).
-    _retrying(f"copy to {redact(dst)}", src, lambda: filesystem(src).copy(_path(src), _path(dst)))
+    # Named by its source: a missing object is the source (the copy creates its target). cp_file
+    # copies one object (a HEAD for its size, then the COPY); fsspec's copy would first list both
+    # names, to tell folders from objects.
+    _retrying(f"copy to {redact(dst)}", src, lambda: filesystem(src).cp_file(_path(src), _path(dst)))
 
 
 def get_file(url: str, local_path: str | os.PathLike, check=None) -> None:

@@ -1,7 +1,7 @@
 """A real S3 API on loopback for tests: moto's server mode in a subprocess (what s3fs's own tests
-use), and a TCP proxy in front of it that injects faults, chosen by method and key: S3 errors (503,
-403 AccessDenied, 404 NoSuchKey), a connection cut during an upload or a download, a request held
-unanswered (so a test can kill its client there).
+use; `serve` below), and a TCP proxy in front of it that injects faults, chosen by method and key:
+S3 errors (503, 403 AccessDenied, 404 NoSuchKey), a connection cut during an upload or a
+download, a request held unanswered (so a test can kill its client there).
 
 Tests reach them through the fixtures in conftest.py (`s3_server`, `s3_env`, `s3_bucket`,
 `s3_proxy`); this module holds the machinery, so other test modules can reuse it.
@@ -35,7 +35,7 @@ def free_port() -> int:
 
 
 class MotoServer:
-    """`python -m moto.server` on a free loopback port, until `stop()`."""
+    """moto's S3 server (`serve`, below) on a free loopback port, until `stop()`."""
 
     def __init__(self, start_timeout_s: float = 60.0):
         self.port = free_port()
@@ -43,7 +43,7 @@ class MotoServer:
         # Its log goes to a file: a pipe nobody reads fills up with one line per request, and
         # the server then blocks on writing the next one.
         self.log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "127.0.0.1", str(self.port)],
                                      stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + start_timeout_s
         while True:
@@ -71,6 +71,29 @@ class MotoServer:
             self.proc.kill()
             self.proc.wait()
         self.log.close()
+
+
+def serve(host: str, port: int) -> None:
+    """Run what `python -m moto.server -H host -p port` runs (moto's WSGI application, werkzeug's
+    threaded server), with the service behind each request looked up once per host name: moto
+    looks it up on every request by listing its own package folder (a stat of each of its ~170
+    service folders), about 40% of its CPU time for a small request (a HEAD, a small GET)."""
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+    from werkzeug.serving import run_simple
+
+    os.environ.setdefault("MOTO_PORT", str(port))  # as moto.server sets it: the URLs moto gives of itself
+
+    class Application(DomainDispatcherApplication):
+        def __init__(self, create_app):
+            super().__init__(create_app)
+            self.backends: dict[str | None, object] = {}
+
+        def get_backend_for_host(self, host):  # called under self.lock
+            if host not in self.backends:
+                self.backends[host] = super().get_backend_for_host(host)
+            return self.backends[host]
+
+    run_simple(host, port, Application(create_backend_app), threaded=True)
 
 
 def env_for(endpoint: str) -> dict[str, str]:
@@ -467,3 +490,7 @@ def _close(s: socket.socket) -> None:
     except OSError:
         pass
     s.close()
+
+
+if __name__ == "__main__":  # the server process MotoServer starts: HOST PORT
+    serve(sys.argv[1], int(sys.argv[2]))

@@ -303,6 +303,35 @@ def test_object_store_functions_round_trip(s3_bucket, tmp_path):
     assert objstore.listdir(f"{s3_bucket}/dir") == {"b.bin": len(data)}
 
 
+def test_whole_object_reads_and_copies_make_one_request_each(s3_proxy, tmp_path):
+    """A whole-object read is one GET (s3fs would first HEAD it, to split a large one into
+    concurrent ranges: a second request and round trip for every manifest, index and record
+    file); a copy is one server-side COPY after the HEAD that sizes it (fsspec's generic copy
+    first lists both names, to tell folders from objects)."""
+    bucket = new_bucket()
+    urls = [f"{bucket}/dir/{n}" for n in ("a.idx", "b.idx", "c.idx")]
+    for i, u in enumerate(urls):
+        objstore.put(u, bytes([i]) * 1000)
+    seen = len(s3_proxy.requests)
+
+    def requests_since():
+        nonlocal seen
+        made, seen = [(r.method, r.key.rsplit("/", 1)[-1]) for r in s3_proxy.requests[seen:]], len(s3_proxy.requests)
+        return made
+
+    assert objstore.get(urls[0]) == b"\0" * 1000
+    assert requests_since() == [("GET", "a.idx")]
+    assert objstore.get_many(urls) == [bytes([i]) * 1000 for i in range(3)]
+    assert sorted(requests_since()) == [("GET", "a.idx"), ("GET", "b.idx"), ("GET", "c.idx")]
+    objstore.copy(urls[0], f"{bucket}/dir/copy.idx")
+    assert requests_since() == [("HEAD", "a.idx"), ("COPY", "copy.idx")]
+    assert objstore.get(f"{bucket}/dir/copy.idx") == b"\0" * 1000
+    assert requests_since() == [("GET", "copy.idx")]
+    with pytest.raises(objstore.ObjectNotFound, match="dir/gone.idx"):
+        objstore.copy(f"{bucket}/dir/gone.idx", f"{bucket}/dir/copy.idx")
+    assert objstore.get(f"{bucket}/dir/copy.idx") == b"\0" * 1000  # a failed copy leaves its target
+
+
 def test_nearby_ranges_of_a_batch_are_merged_into_one_request():
     u, v = "s3://b/x.tar", "s3://b/y.tar"
     requests, where = objstore._merge([(u, 5000, 6000), (u, 0, 1000), (v, 0, 10), (u, 1500, 2000),
