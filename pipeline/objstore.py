@@ -18,7 +18,9 @@ child), so the functions here are safe in loader workers, forked or started from
 from __future__ import annotations
 
 import errno
+import functools
 import importlib
+import inspect
 import logging
 import os
 import re
@@ -116,12 +118,20 @@ def _path(url: str) -> str:
 # -- reads ----------------------------------------------------------------------------------------
 
 def _whole_object_options(url: str) -> dict:
-    """cat_file options for reading a whole object in one request. s3fs otherwise first asks for
-    its size (a HEAD), to split an object over 50 MB into concurrent range requests: a second
-    request, and round trip, for every manifest, index and run record, which are all small.
-    Large objects (shards, checkpoints) are downloaded with get_file, which starts with one GET
-    and splits only a large one."""
-    return {"max_concurrency": 1} if split_url(url)[0] == "s3" else {}
+    """cat_file options for reading a whole object in one request. s3fs (since it splits whole
+    reads) otherwise first asks for its size (a HEAD), to split an object over 50 MB into
+    concurrent range requests: a second request, and round trip, for every manifest, index and
+    run record, which are all small. Large objects (shards, checkpoints) are downloaded with
+    get_file, which starts with one GET and splits only a large one. Older s3fs reads in one GET
+    and has no such option."""
+    if split_url(url)[0] != "s3":
+        return {}
+    return {"max_concurrency": 1} if _splits_whole_reads(type(filesystem(url))) else {}
+
+
+@functools.cache
+def _splits_whole_reads(fs_class) -> bool:
+    return "max_concurrency" in inspect.signature(fs_class._cat_file).parameters
 
 
 def get(url: str) -> bytes:
