@@ -13,7 +13,7 @@
 #     cp kernels/_jpeg.abi3.so "$(ldconfig -p | awk '/libjpeg.so.62 /{print $NF; exit}')" .whl/jpeg/
 # Logs and run folders go to $WORK. $OUT receives three files: summary.txt (the table, also
 # printed last), device_check.json (every figure, with the machine: benchmarks.machine's CPU, ISA,
-# torch build and GPU) and logs.tar.gz.
+# torch build, torchvision and GPU) and logs.tar.gz.
 # Each step is cut to the time left of $BUDGET seconds, so the check ends inside one call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -56,7 +56,9 @@ fi
 $PY -c "import kernels._jpeg" 2>/dev/null || echo "note: kernels._jpeg unavailable (cpu backend uses Pillow); see build.log"
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
   $PY -m benchmarks.machine --device "$DEVICE" --json "$WORK/machine.json"
-  $PY -c "import platform, torchvision; print('python', platform.python_version(), 'torchvision', torchvision.__version__)"
+  # python and torchvision as benchmarks.machine recorded them (importing torchvision costs seconds)
+  $PY -c "import json, sys; m = json.load(open(sys.argv[1])); print('python', m['python'], 'torchvision', m['torchvision'])" \
+      "$WORK/machine.json"
   echo "device $DEVICE, $WORKERS workers, commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 } | tee "$WORK/machine.txt"
 

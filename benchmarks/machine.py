@@ -67,10 +67,34 @@ def torch_build() -> dict:
     return {"version": torch.__version__, "build": build}
 
 
+def torchvision_version() -> str | None:
+    """torchvision.__version__ (with its build tag, e.g. 0.29.1+cu130), read from torchvision's
+    version.py without importing torchvision, which pulls in torch._dynamo (seconds); its
+    distribution metadata lacks the tag. None where torchvision is not installed."""
+    import ast
+    import importlib.util
+    import sys
+
+    if "torchvision" in sys.modules:
+        return sys.modules["torchvision"].__version__
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    try:
+        tree = ast.parse((Path(next(iter(spec.submodule_search_locations))) / "version.py").read_text())
+    except (OSError, SyntaxError):
+        return None
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) and \
+                any(isinstance(t, ast.Name) and t.id == "__version__" for t in node.targets):
+            return str(node.value.value)
+    return None
+
+
 def describe(device: str | None = None, cpuinfo: Path = Path("/proc/cpuinfo"),
              environ: dict | None = None) -> dict:
-    """The machine as a JSON-able dict: cpu, cores, cores_usable, isa, torch, caps, python, platform,
-    commit, and gpu when `device` names a CUDA device.
+    """The machine as a JSON-able dict: cpu, cores, cores_usable, isa, torch, torchvision, caps, python,
+    platform, commit, and gpu when `device` names a CUDA device.
 
     isa["cpu"] is the CPU's own level and isa["flags"] the deciding flags it has; isa["torch"] is
     the level ATen dispatches to and isa["onednn_bf16"] whether oneDNN runs bf16 natively, both
@@ -100,6 +124,7 @@ def describe(device: str | None = None, cpuinfo: Path = Path("/proc/cpuinfo"),
                 "torch": torch.backends.cpu.get_cpu_capability(),
                 "onednn_bf16": onednn_bf16},
         "torch": torch_build(),
+        "torchvision": torchvision_version(),
         "caps": {k: environ[k] for k in CAP_VARS if environ.get(k)},
         "python": platform.python_version(),
         "platform": platform.platform(),

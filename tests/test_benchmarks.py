@@ -208,6 +208,9 @@ def test_machine_cli_records_the_avx2_cap(tmp_path):
     assert info["isa"]["torch"] == "AVX2"
     assert info["isa"]["cpu"] == isa_level(parse_cpuinfo(open("/proc/cpuinfo").read())[1])
     assert info["caps"] == caps
+    import torchvision
+
+    assert info["torchvision"] == torchvision.__version__  # read there without importing torchvision
     assert r.stdout.startswith("machine: ") and "torch kernels AVX2" in r.stdout
     assert "caps ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2" in r.stdout
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -75,6 +76,9 @@ def test_device_check_rehearses_on_cpu(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["device_check.json", "logs.tar.gz", "summary.txt"]
     found = json.loads((out / "device_check.json").read_text())
     assert re.match(r"\d+ passed", found["tests"]) and "failed" not in found["tests"]
+    import torchvision
+
+    assert f"python {platform.python_version()} torchvision {torchvision.__version__}\n" in found["machine"]
     configs = {(row["what"].split(",")[0], row["config"].split(",")[0]) for row in found["rows"]}
     assert {("loader alone", "nvjpeg"), ("loader alone", "cpu"), ("end to end", "synthetic"),
             ("end to end", "nvjpeg"), ("end to end", "cpu")} <= configs

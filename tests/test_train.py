@@ -72,16 +72,20 @@ def test_resnet18_learns_far_above_chance(small_shards, tmp_path):
 
 
 def test_o2_bf16_fused_tracks_o0(small_shards, tmp_path):
-    # Same initial weights, same batches, fp32 (O0) against O2 bf16 with fused SGD.
-    # Tolerance, as measured here: bf16 keeps an 8-bit mantissa, so the first forward pass
-    # differs by ~0.2 % of the loss; after that BatchNorm-at-batch-32 dynamics amplify rounding,
-    # and over 10 steps O2 stayed within a mean relative gap of 2.3 % (largest single step 9 %),
-    # while O1 (autocast) stayed within 2.0 % (4.5 %). We allow a 6 % mean and a 20 % largest
-    # gap. A broken O2 (no master weights, updates lost to bf16 rounding, BN statistics in
-    # bf16) does not train: its loss stays flat while fp32's falls by ~20 %, which fails the
-    # mean gap and the "loss falls" check below.
-    args = [*BASE, "--shards", small_shards, "-b", "32", "--epochs", "1", "--lr", "0.005", "-p", "1",
-            "--max-steps", "10", "--warm-up-epochs", "0"]
+    # Same initial weights, same batches, fp32 (O0) against O2 bf16 with fused SGD, over 5 steps at
+    # lr 0.02 (it was 10 steps at 0.005: on a CPU without AVX-512 bf16 every bf16 conv is emulated,
+    # and the O2 run's steps were most of the suite's longest test). Tolerance, as measured over
+    # seeds 7, 8 and 9, each on AVX-512 bf16 kernels and capped at AVX2 (emulated bf16): bf16 keeps
+    # an 8-bit mantissa, so the first forward pass differs by <= 0.14 % of the loss; after that
+    # BatchNorm-at-batch-32 dynamics amplify rounding, and O2 stayed within a mean relative gap of
+    # 3.8 % (largest single step 11 %) while its loss fell by 8.7-24 % from steps 1-2 to steps 4-5.
+    # We allow a 6 % mean and a 20 % largest gap, and ask for a 5 % fall. The trajectory alone does
+    # not tell missing master weights apart (a run stepping the bf16 weights directly passed all
+    # these checks at seeds 7, 8 and 9, and the 10-step checks at seed 8), so the checkpoint's masters
+    # are checked, and test_o2_bf16_masters_keep_updates_below_bf16_resolution shows they keep what
+    # bf16 rounding drops. BatchNorm in bf16 or a run in fp32 fail the dtype checks.
+    args = [*BASE, "--shards", small_shards, "-b", "32", "--epochs", "1", "--lr", "0.02", "-p", "1",
+            "--max-steps", "5", "--warm-up-epochs", "0"]
     r0 = run_cli("train.run", *args, "--output", tmp_path / "o0", timeout=600, warm=True)
     r2 = run_cli("train.run", *args, "--amp", "--opt-level", "O2", "--amp-dtype", "bf16", "--output", tmp_path / "o2",
                  timeout=600, warm=True)
@@ -89,17 +93,49 @@ def test_o2_bf16_fused_tracks_o0(small_shards, tmp_path):
     cfg = json.loads((tmp_path / "o2" / "config.json").read_text())
     assert cfg["opt_level_effective"] == "O2" and cfg["optimizer_impl"] == "SGD(fused=True)"
     l0, l2 = losses(tmp_path / "o0"), losses(tmp_path / "o2")
-    assert sorted(l0) == sorted(l2) == list(range(1, 11))
+    assert sorted(l0) == sorted(l2) == list(range(1, 6))
     gaps = [abs(l0[s] - l2[s]) / abs(l0[s]) for s in l0]
     assert gaps[0] < 0.01, gaps
     assert sum(gaps) / len(gaps) < 0.06 and max(gaps) < 0.20, gaps
     assert l0 != l2  # it really ran in another precision
-    first, last = [sum(l[s] for s in steps) / 3 for l in (l2,) for steps in ((1, 2, 3), (8, 9, 10))]
-    assert last < 0.95 * first, l2  # and it trains
+    assert l2[4] + l2[5] < 0.95 * (l2[1] + l2[2]), l2  # and it trains
     ckpt = torch.load(tmp_path / "o2" / "checkpoint.pth.tar", weights_only=True)
     weights = ckpt["state_dict"]
-    assert weights["conv1.weight"].dtype == torch.bfloat16 and weights["bn1.weight"].dtype == torch.float32
-    assert all(m.dtype == torch.float32 for m in ckpt["precision"]["master"])
+    assert weights["conv1.weight"].dtype == torch.bfloat16 and weights["fc.weight"].dtype == torch.bfloat16
+    # BatchNorm keeps fp32 parameters and statistics.
+    assert all(weights[f"bn1.{k}"].dtype == torch.float32 for k in ("weight", "bias", "running_mean", "running_var"))
+    # An fp32 master for every bf16 weight (in the model's order), which the weight is rounded from.
+    half = [v for v in weights.values() if v.dtype == torch.bfloat16]
+    masters = ckpt["precision"]["master"]
+    assert len(masters) == len(half) > 0 and all(m.dtype == torch.float32 for m in masters)
+    assert all(torch.equal(w, m.bfloat16()) for w, m in zip(half, masters))
+
+
+def test_o2_bf16_masters_keep_updates_below_bf16_resolution():
+    # bf16 steps by 2**-8 just below 1.0: an update of 2**-10 applied to a bf16 weight of 1.0 rounds
+    # back to 1.0 and is lost, every step. O2's fp32 masters keep each one; after 8 steps they sum to
+    # 2**-7, which the bf16 weight (rounded from its master) shows. All the values here are exact.
+    from train.devices import build_sgd
+    from train.precision import Precision
+
+    p = Precision("O2", torch.bfloat16, None, "cpu")
+    model = p.prepare_model(torch.nn.Sequential(torch.nn.Linear(4, 3, bias=False), torch.nn.BatchNorm1d(3)),
+                            torch.device("cpu"))
+    w = model[0].weight
+    assert w.dtype == torch.bfloat16 and model[1].weight.dtype == model[1].running_mean.dtype == torch.float32
+    with torch.no_grad():
+        w.fill_(1.0)
+    opt, _ = build_sgd(p.optimizer_params(model, False, 0.0), 1.0, 0.0, 0.0, Device("cpu"))
+    for step in range(1, 9):
+        p.zero_grad(opt)
+        w.grad = torch.full_like(w, 2.0 ** -10)
+        p.step(opt)
+        master = p.master_params[0]
+        assert master.dtype == torch.float32 and torch.equal(master, torch.full_like(master, 1 - step * 2.0 ** -10))
+        assert torch.equal(w, master.bfloat16())  # the weight is its master, rounded
+        if step == 1:
+            assert torch.equal(w, torch.ones_like(w))  # one update alone is below bf16's resolution
+    assert torch.equal(w, torch.full_like(w, 1 - 2.0 ** -7))
 
 
 def test_precision_o2_fp16_skips_overflow_steps():
