@@ -130,7 +130,7 @@ def test_loader_flags_validate(tmp_path, capsys, colour_shards):
 
 
 def test_loader_cli_exits_nonzero_on_bad_path(tmp_path):
-    r = run_cli("benchmarks.loader", "--shards", tmp_path / "nowhere")
+    r = run_cli("benchmarks.loader", "--shards", tmp_path / "nowhere", warm=True)
     assert r.returncode != 0 and "--shards" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -252,7 +252,7 @@ def test_train_step_prints_and_records_its_machine(tmp_path):
 
     r = run_cli("benchmarks.train_step", "--arch", "resnet18", "--batch-size", "2", "--image-size", "32",
                 "--levels", "O0:fp32", "--compile", "off", "--optimizers", "fused", "--channels-last", "on",
-                "--steps", "1", "--repeats", "1", env=cli_env(BENCH_OUT=str(tmp_path)), timeout=300)
+                "--steps", "1", "--repeats", "1", env=cli_env(BENCH_OUT=str(tmp_path)), timeout=300, warm=True)
     assert r.returncode == 0, r.stderr[-2000:]
     record = _benchmark_json(tmp_path)
     machine = record["machine"]
@@ -268,7 +268,7 @@ def test_loader_prints_and_records_its_machine(tmp_path, colour_shards):
 
     r = run_cli("benchmarks.loader", "--shards", colour_shards, "--workers", "1", "--repeats", "1",
                 "--batch-size", "8", "--chart", tmp_path / "chart.png", env=cli_env(BENCH_OUT=str(tmp_path)),
-                timeout=300)
+                timeout=300, warm=True)
     assert r.returncode == 0, r.stderr[-2000:]
     record = _benchmark_json(tmp_path)
     machine = record["machine"]

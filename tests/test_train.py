@@ -55,14 +55,15 @@ def val_results(text: str) -> list[tuple[float, float, float, int]]:
 
 
 def test_resnet18_learns_far_above_chance(small_shards, tmp_path):
-    # 4 epochs ended at 85.0 and 88.8 % top-1 with seeds 7 and 8 (6 epochs were run before).
-    r = run_cli("train.run", "--shards", small_shards, *BASE, "-b", "32", "--epochs", "4", "--lr", "0.05",
+    # 3 epochs ended at 71.2, 85.0, 85.0 and 85.0 % top-1 with seeds 7-10 (4 epochs, run before,
+    # at 85.0 and 88.8 % with seeds 7 and 8).
+    r = run_cli("train.run", "--shards", small_shards, *BASE, "-b", "32", "--epochs", "3", "--lr", "0.05",
                 "--warm-up-epochs", "1", "--output", tmp_path / "run", "-p", "5", timeout=600, warm=True)
     assert r.returncode == 0, r.stderr[-2000:]
     acc = accuracies(r.stdout)
-    assert len(acc) == 4
+    assert len(acc) == 3
     assert acc[-1] >= 50.0, acc  # chance is 25 %
-    assert "* FPS@all" in r.stdout and "| DEVICE" in r.stdout and "Epoch: [3][" in r.stdout
+    assert "* FPS@all" in r.stdout and "| DEVICE" in r.stdout and "Epoch: [2][" in r.stdout
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["optimizer_impl"] == "SGD(fused=True)" and cfg["code_version"] and cfg["steps_per_epoch"] == 10
     for name in ("checkpoint.pth.tar", "model_best.pth.tar", "train.log", "metrics.jsonl"):
