@@ -57,8 +57,8 @@ $PY -c "import kernels._jpeg" 2>/dev/null || echo "note: kernels._jpeg unavailab
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
   $PY -m benchmarks.machine --device "$DEVICE" --json "$WORK/machine.json"
   # python and torchvision as benchmarks.machine recorded them (importing torchvision costs seconds)
-  $PY -c "import json, sys; m = json.load(open(sys.argv[1])); print('python', m['python'], 'torchvision', m['torchvision'])" \
-      "$WORK/machine.json"
+  $PY -c "import json, sys; m = json.load(open(sys.argv[1]))
+print('python', m['python'], 'torchvision', m['torchvision'])" "$WORK/machine.json"
   echo "device $DEVICE, $WORKERS workers, commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 } | tee "$WORK/machine.txt"
 

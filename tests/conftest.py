@@ -593,6 +593,7 @@ def fork_ranks_here(import_time_prefixes, run_time_names) -> None:
     manager = logging.Logger.manager
     loggers = {name: (lg.level, list(lg.handlers), lg.propagate, lg.disabled)
                for name, lg in [("", logging.root), *manager.loggerDict.items()] if isinstance(lg, logging.Logger)}
+    fresh_logger = (logging.NOTSET, [], True, False)  # one created after this point
     exit_handlers = atexit._ncallbacks()
 
     def become_the_rank(module, argv, env, fds) -> int:
@@ -605,7 +606,7 @@ def fork_ranks_here(import_time_prefixes, run_time_names) -> None:
                 signal.signal(s, handler)
         for name, lg in [("", logging.root), *manager.loggerDict.items()]:
             if isinstance(lg, logging.Logger):
-                lg.level, lg.handlers[:], lg.propagate, lg.disabled = loggers.get(name, (logging.NOTSET, [], True, False))
+                lg.level, lg.handlers[:], lg.propagate, lg.disabled = loggers.get(name, fresh_logger)
         # python -u: unbuffered output (the agent's own buffers were flushed before the fork)
         sys.stdout, sys.stderr = (io.TextIOWrapper(io.FileIO(fd, "w", closefd=False), encoding=stream.encoding,
                                                    errors=stream.errors, write_through=True)
