@@ -526,6 +526,16 @@ def as_python_exits(e: SystemExit) -> int:
     return 1
 
 
+def exit_flushed(rc: int) -> None:
+    # A forked child ends with os._exit (never the parent's clean-up), its output flushed first.
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(rc & 0xFF)
+
+
 def run_module(req) -> int:
     # As `python -m MODULE ARGS` in a fresh interpreter: the module runs as __main__ (the preloaded
     # copy is dropped from sys.modules, as -m never had it), argv[0] its file, sys.path[0] the
@@ -624,12 +634,7 @@ def fork_ranks_here(import_time_prefixes, run_time_names) -> None:
                 try:
                     rc = become_the_rank(args[3], list(args[4:]), env, (p2cread, c2pwrite, errwrite))
                 finally:
-                    for stream in (sys.stdout, sys.stderr):
-                        try:
-                            stream.flush()
-                        except (OSError, ValueError):
-                            pass
-                    os._exit(rc & 0xFF)
+                    exit_flushed(rc)
             self.pid, self._child_created = pid, True
 
     cold = subprocess_handler.SubprocessHandler._popen
@@ -659,12 +664,7 @@ def child(req) -> None:
             fork_ranks_here(*req["fork_ranks"])
         rc = run_module(req) if req["module"] else call_target(req)
     finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
-        os._exit(rc & 0xFF)
+        exit_flushed(rc)
 
 
 for line in sys.stdin:
