@@ -117,16 +117,16 @@ def _path(url: str) -> str:
 
 # -- reads ----------------------------------------------------------------------------------------
 
-def _whole_object_options(url: str) -> dict:
+def _whole_object_options(url: str, fs) -> dict:
     """cat_file options for reading a whole object in one request. s3fs (since it splits whole
     reads) otherwise first asks for its size (a HEAD), to split an object over 50 MB into
     concurrent range requests: a second request, and round trip, for every manifest, index and
     run record, which are all small. Large objects (shards, checkpoints) are downloaded with
     get_file, which starts with one GET and splits only a large one. Older s3fs reads in one GET
-    and has no such option."""
+    and has no such option. `fs`: url's file system."""
     if split_url(url)[0] != "s3":
         return {}
-    return {"max_concurrency": 1} if _splits_whole_reads(type(filesystem(url))) else {}
+    return {"max_concurrency": 1} if _splits_whole_reads(type(fs)) else {}
 
 
 @functools.cache
@@ -136,7 +136,11 @@ def _splits_whole_reads(fs_class) -> bool:
 
 def get(url: str) -> bytes:
     """The whole object at `url` (one request)."""
-    return _retrying("read", url, lambda: filesystem(url).cat_file(_path(url), **_whole_object_options(url)))
+    def read() -> bytes:
+        fs = filesystem(url)
+        return fs.cat_file(_path(url), **_whole_object_options(url, fs))
+
+    return _retrying("read", url, read)
 
 
 def get_many(urls: list[str]) -> list[bytes]:
@@ -163,7 +167,7 @@ def read_ranges(urls: list[str], starts, ends, merge_gap: int = MERGE_GAP) -> li
         fs = filesystem(requests[todo[0]][0])  # one scheme per call (see below)
         got = fs.cat_ranges([_path(requests[i][0]) for i in todo], [requests[i][1] for i in todo],
                             [requests[i][2] for i in todo], on_error="return",
-                            **_whole_object_options(requests[todo[0]][0]))
+                            **_whole_object_options(requests[todo[0]][0], fs))
         errors = []
         progress = False
         for i, b in zip(todo, got):
